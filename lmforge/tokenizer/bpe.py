@@ -452,14 +452,19 @@ class Tokenizer:
         return formats.write_gpt2(self, out_dir)
 
     def _warn_pattern_lost(self, fmt: str, read_back_specials: dict[str, int] | None = None) -> None:
-        """GPT-2 and tiktoken files hold no pre-tokenization pattern (readers assume GPT-2's), normalization or BOS;
-        tiktoken's no special tokens either (`read_back_specials`: what a reader assumes instead)."""
+        """GPT-2 and tiktoken files hold no pre-tokenization pattern (readers assume GPT-2's), normalization, BOS, or
+        added-token flags (every added token is read back special and matched in the raw text); tiktoken's no special
+        tokens either (`read_back_specials`: what a reader assumes instead)."""
         specials_lost = read_back_specials is not None and read_back_specials != self.special_tokens
         lost = [what for what, gone in (("pre-tokenization pattern (not GPT-2's)", self.pattern != PATTERNS["gpt2"]),
                                         (f"{self.normalization} normalization", self.normalization is not None),
                                         ("prefix/suffix tokens (BOS)", bool(self.prefix_tokens or self.suffix_tokens)),
                                         (f"special tokens {self.special_tokens} (read back as {read_back_specials})",
-                                         specials_lost))
+                                         specials_lost),
+                                        (f"added tokens {list(self.non_special)} marked not special (read back as "
+                                         "specials, which encode_ordinary leaves as text)", bool(self.non_special)),
+                                        (f"added tokens {list(self.normalized)} matched in the normalized text (read "
+                                         "back as matched in the raw text, first)", bool(self.normalized)))
                 if gone]
         if lost:
             from lmforge.errors import warn_caller

@@ -148,3 +148,24 @@ def test_gpt2_files_written_by_two_writers_at_once_both_finish(tmp_path, monkeyp
     monkeypatch.setattr(os, "replace", replace)
     back = Tokenizer.from_gpt2_files(v, m)
     assert (back.vocab, back.merges) == (tok.vocab, tok.merges) and not (tmp_path / WRITING_MARKER).exists()
+
+
+def test_gpt2_and_tiktoken_exports_name_the_added_token_flags_they_lose(tmp_path):
+    """GPT-2 files (added_tokens.json: {special: id}) and tiktoken rank files hold no "special": false or "normalized":
+    true: read back, Qwen3's <think> is a special that encode_ordinary leaves as text, and a normalized "ab" is matched
+    in the raw text before "b<s>" no longer comes first; both were dropped without a word."""
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    plain = train_bpe(iter([TEXT]), 300, ["<|endoftext|>", "<think>", "ab", "b<s>"], progress=False, workers=1)
+    tok = Tokenizer(plain.vocab, plain.merges, plain.special_tokens, non_special=["<think>"], normalized=["ab"])
+    with pytest.warns(UserWarning, match=r"added tokens \['<think>'\] marked not special .* added tokens \['ab'\] "
+                                         r"matched in the normalized text.*tokenizer\.json") as caught:
+        back = load_tokenizer(tok.save_gpt2(tmp_path)[0])
+    assert len(caught) == 1
+    assert (back.encode_ordinary("a<think>"), back.encode("ab<s>")) != (tok.encode_ordinary("a<think>"),
+                                                                       tok.encode("ab<s>"))
+    with pytest.warns(UserWarning, match=r"\['<think>'\] marked not special .* \['ab'\] matched in the normalized"):
+        tok.save_tiktoken(tmp_path / "t.tiktoken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the same tokens, all special and matched in the raw text: nothing lost)
+        Tokenizer(plain.vocab, plain.merges, plain.special_tokens).save_gpt2(tmp_path / "plain")

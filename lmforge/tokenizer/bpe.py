@@ -288,13 +288,12 @@ class Tokenizer:
         text, and no added token inside it is matched (split_specials)."""
         plain = plain or self._plain
         norm = tuple(self._norm_added)
-        keep_raw = keep_norm = None
+        keep_norm = None
         if keep is not None:
             keep = frozenset(keep)
-            keep_raw = keep & self._raw_set
             keep_norm = frozenset(c for c in norm if self._norm_added[c] in keep)
         out: list[int] = []
-        for seg, is_added in split_specials(text, self._raw_added, keep_raw):
+        for seg, is_added in self._raw_split(text, keep):
             if is_added:
                 out.append(self.special_tokens[seg])
                 continue
@@ -308,6 +307,27 @@ class Tokenizer:
                 except UnicodeEncodeError:
                     out.extend(plain(without_surrogates(piece)))
         return out
+
+    def _raw_split(self, text: str, keep: frozenset[str] | None) -> Iterator[tuple[str, bool]]:
+        """`text` cut at the added tokens matched in the raw text (all but the `normalized`), those in `keep` (None:
+        all) as units; the stretches between are normalized, and the `normalized` tokens matched there."""
+        return split_specials(text, self._raw_added, None if keep is None else keep & self._raw_set)
+
+    def _check_disallowed(self, text: str, disallowed: tuple[str, ...], keep: frozenset[str] | None) -> None:
+        """Raise where `text` holds a disallowed string where encode (keeping `keep`) looks for it: a `normalized`
+        added token by its normalized text in the normalized stretches (under NFC "[e" + U+0301 + "]" holds "[é]",
+        "xe" + U+0301 no "xe"), any other in the raw text, as tiktoken."""
+        by_norm = {self._normalize(s): s for s in disallowed if s in self.normalized} if self.normalized else {}
+        raw = tuple(s for s in disallowed if s not in by_norm.values()) if by_norm else disallowed
+        m = special_regex(raw).search(text) if raw else None
+        found = m.group() if m else None
+        if not found and by_norm:
+            rx = special_regex(tuple(by_norm))
+            found = next((by_norm[m.group()] for seg, is_added in self._raw_split(text, keep)
+                          if not is_added and (m := rx.search(self._normalize(seg)))), None)
+        if found:
+            raise ValueError(f"text contains the disallowed special token {found!r}; pass allowed_special={{...}} to "
+                             "encode it as a special or disallowed_special=() to encode it as text")
 
     def _plain(self, text: str) -> list[int]:
         """The ids of normalized text that holds no added token."""
@@ -323,7 +343,8 @@ class Tokenizer:
         set is disallowed (ValueError) when disallowed_special="all", and names in allowed_special that are
         not special tokens are ignored; lmforge's default allows all. Added tokens that are not special
         (`non_special`) are matched as units whatever allowed_special says (encode_ordinary); a disallowed_special
-        set naming one raises where the text holds it, as it does for any string it names. add_special_tokens: put
+        set naming one raises where the text holds it, as it does for any string it names (a `normalized` added
+        token: where the normalized text holds it, as it is matched there). add_special_tokens: put
         prefix_tokens before and suffix_tokens after the ids, as HF's encode does by default; lmforge's default is
         False (as tiktoken, and HF's apply_chat_template): a piece of a longer text (a chat template's, a
         completion, a training document) gets no BOS of its own. Prompts get it where they are made (LLM.encode)."""
@@ -333,13 +354,10 @@ class Tokenizer:
                     + [self.special_tokens[t] for t in self.suffix_tokens])
         _check_text(text)
         allowed, disallowed = self._allowed(allowed_special, disallowed_special)
+        keep = None if len(allowed) == len(self._specials) else frozenset(allowed + self.non_special)
         if disallowed:
-            m = special_regex(disallowed).search(text)
-            if m:
-                raise ValueError(f"text contains the disallowed special token {m.group()!r}; pass "
-                                 "allowed_special={...} to encode it as a special or disallowed_special=() "
-                                 "to encode it as text")
-        return self._split_encode(text, None if len(allowed) == len(self._specials) else allowed + self.non_special)
+            self._check_disallowed(text, disallowed, keep)
+        return self._split_encode(text, keep)
 
     def encode_reference(self, text: str) -> list[int]:
         """`encode` (all specials allowed) through the pure-Python reference encoder only."""

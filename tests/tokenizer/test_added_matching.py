@@ -152,3 +152,27 @@ def test_byte_level_added_tokens_spelled_as_vocab_entries_take_their_ids_as_in_h
     for t in (tok, Tokenizer.load(tok.save(tmp_path / "again.json")), gpt2):
         assert [t.decode([i]) for i in range(hf.get_vocab_size())] == [
             hf.decode([i], skip_special_tokens=False) for i in range(hf.get_vocab_size())]
+
+
+def test_disallowed_normalized_specials_are_looked_for_where_encode_matches_them(byte_level_doc, tmp_path):
+    """encode(disallowed_special="all") raises where encode would match a special: a normalized one in the normalized
+    text (under NFC "[e" + U+0301 + "]" is "[é]"; "xe" + U+0301 is "xé", no "xe"), the others in the raw text. The
+    raw text was searched for every one: "[e" + U+0301 + "]" was encoded as text without a word, "xe" + U+0301
+    refused."""
+    doc = _with_added(byte_level_doc, {"type": "NFC"}, [("[\u00e9]", True, True), ("xe", True, True),
+                                                         ("<s>", True, False)])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    tok = Tokenizer.from_hf(tmp_path)
+    special_ids = set(tok.special_tokens.values()) - {tok.special_tokens["<|endoftext|>"]}
+    with pytest.raises(ValueError, match=r"disallowed special token '\[\u00e9\]'"):
+        tok.encode("ca[e\u0301]", allowed_special=set())
+    assert tok.encode("xe\u0301", allowed_special=set()) == tok.encode_ordinary("xe\u0301")
+    for text in ["[e\u0301]", "[\u00e9]", "xe\u0301", "xe", "<s>", "x<s>e"] + _texts(
+            ["[", "]", "e", "\u0301", "\u00e9", "x", "<s>", " "], n=300):
+        matched = bool(special_ids & set(tok.encode(text)))
+        try:
+            ids = tok.encode(text, allowed_special=set())
+        except ValueError:
+            assert matched, ascii(text)
+        else:
+            assert not matched and ids == tok.encode_ordinary(text), ascii(text)

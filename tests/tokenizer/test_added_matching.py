@@ -176,3 +176,20 @@ def test_disallowed_normalized_specials_are_looked_for_where_encode_matches_them
             assert matched, ascii(text)
         else:
             assert not matched and ids == tok.encode_ordinary(text), ascii(text)
+
+
+def test_sentencepiece_added_tokens_spelled_as_vocab_pieces_take_their_ids_as_in_hf():
+    """SentencePieceBPE gave an added "king" (a piece of model.vocab) the id the file lists; HF gives it the piece's."""
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+    from tests.tokenizer.sp_files import added, hf, sp_doc
+
+    doc = sp_doc()
+    added(doc, "king")
+    added(doc, "queen", special=False, normalized=True)
+    sp, ref = SentencePieceBPE(doc), hf(doc)
+    pieces = doc["model"]["vocab"]
+    assert {s: sp.special_tokens[s] for s in ("king", "queen")} == {s: pieces[s] for s in ("king", "queen")}
+    for text in ["the king", "kingqueen", "queen"] + _texts(["king", "queen", "the", " ", "k", "q"]):
+        assert (sp.encode(text), sp.encode_ordinary(text)) == (_hf_ids(ref, text), _hf_ids(ref, text, True)), text
+    ids = range(ref.get_vocab_size())
+    assert [sp.decode([i]) for i in ids] == [ref.decode([i], skip_special_tokens=False) for i in ids]

@@ -1,8 +1,9 @@
 """The post-training configs, importable without torch: each objective's options (SFTConfig, DPOConfig, KTOConfig,
 ORPOConfig, RewardConfig, DistillConfig), the data section (PostDataConfig), the run (PostTrainConfig) and the
-registry of objectives (OBJECTIVES), with the name tables the options are checked against. `lmforge sft --help`
-and a config file's check build from these alone; the objectives (lmforge.align.sft, dpo, ...) and the run
-(lmforge.train.posttrain) import them from here, and re-export them under their old names."""
+registry of objectives (OBJECTIVES; register_objective adds one from outside lmforge), with the name tables the
+options are checked against. `lmforge sft --help` and a config file's check build from these alone; the
+objectives (lmforge.align.sft, dpo, ...) and the run (lmforge.train.posttrain) import them from here, and re-export
+them under their old names."""
 
 from __future__ import annotations
 
@@ -223,7 +224,7 @@ class ObjectiveSpec:
     path: str
     """'module:Class' of the objective"""
     data: str
-    """record kind it trains on: sft | preference | kto (lmforge.align.data)"""
+    """record kind it trains on: sft | preference | kto (DATA_KINDS, lmforge.align.data)"""
     wrap: str | None = None
     """'module:Class' wrapping the loaded model (a reward model's scalar head)"""
     config: type | None = None
@@ -240,6 +241,36 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "kto": ObjectiveSpec("lmforge.align.kto:KTOObjective", "kto", config=KTOConfig),
     "orpo": ObjectiveSpec("lmforge.align.orpo:ORPOObjective", "preference", config=ORPOConfig),
 }
+
+
+DATA_KINDS = ("sft", "preference", "kto")
+"""ObjectiveSpec.data: the record kinds lmforge.align.data reads (chat or prompt/completion; prompt + chosen +
+rejected; prompt + completion + label)"""
+
+
+def register_objective(name: str, spec: ObjectiveSpec) -> ObjectiveSpec:
+    """Add a post-training objective under `name` from outside lmforge, as register_model adds a model class: then
+    PostTrainConfig(objective=name) / config_class(name) (its options as the [name] section), posttrain and
+    lmforge.cli.sft.run_objective(name, argv) run it. A name taken by another spec is refused; registering the
+    same spec again does nothing. Returns spec."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"an objective registers under a Python identifier (it names the [{name}] section of its "
+                          f"options and the config's field), got {name!r}; e.g. 'slic' or 'my_loss'")
+    if not isinstance(spec, ObjectiveSpec):
+        raise ConfigError(f"register_objective({name!r}, ...) takes an ObjectiveSpec, got {type(spec).__name__}; "
+                          f"e.g. ObjectiveSpec('my_module:MyObjective', 'preference')")
+    if spec.data not in DATA_KINDS:
+        raise ConfigError(f"objective {name!r} trains on data kind {spec.data!r}, which lmforge.align.data does not "
+                          f"read; choose one of {', '.join(DATA_KINDS)}")
+    for what, path in (("path", spec.path), ("wrap", spec.wrap)):
+        module, _, cls = (path or "m:C").partition(":")
+        if not module or not cls:
+            raise ConfigError(f"objective {name!r}: ObjectiveSpec.{what}={path!r} is not 'module:Class' (the class "
+                              "is imported from the module when a run needs it)")
+    if OBJECTIVES.get(name, spec) != spec:
+        raise ConfigError(f"objective {name!r} is already registered ({OBJECTIVES[name].path}); choose another name")
+    OBJECTIVES[name] = spec
+    return spec
 
 
 def resolve(path: str):
@@ -259,7 +290,7 @@ def objective_spec(name: str) -> ObjectiveSpec:
 @dataclass(frozen=True, kw_only=True)
 class PostTrainConfig(LoopConfig):
     objective: str = "sft"
-    """sft | dpo | rm | distill | kto | orpo (set by the command)"""
+    """sft | dpo | rm | distill | kto | orpo (set by the command), or a name given to register_objective"""
     init: str = ""
     """checkpoint, run directory or HF model directory to start from"""
     reference: str = ""

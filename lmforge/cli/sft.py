@@ -1,7 +1,8 @@
 """`lmforge sft --config FILE.toml [--nproc N] [--data.packing false ...]`: supervised fine-tuning of a
 checkpoint on chat or prompt/completion JSONL (lmforge.train.posttrain); `run_objective` also serves dpo, rm,
-distill, kto and orpo. --nproc N re-runs the command on N local processes under torchrun, data parallel
-([parallel] dp_shard = FSDP2 by default, or dp_replicate = DDP), as `lmforge train --nproc N` does."""
+distill, kto and orpo, and an objective a script registered (lmforge.align.config.register_objective) there.
+--nproc N re-runs the command on N local processes under torchrun, data parallel ([parallel] dp_shard = FSDP2 by
+default, or dp_replicate = DDP), as `lmforge train --nproc N` does."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def run_objective(name: str, argv: list[str]) -> int:
     from lmforge.errors import ConfigError
 
     def parse(args: list[str]):
-        cfg = parse_config(config_class(name), args, prog=f"lmforge {name}", description=HELP[name] +
+        about = HELP.get(name, f"Post-training with the registered objective {name!r} (register_objective).")
+        cfg = parse_config(config_class(name), args, prog=f"lmforge {name}", description=about +
                            " Resumable: run it again; --nproc N trains on N local processes (data parallel).")
         if cfg.objective != name:
             raise ConfigError(f"objective = {cfg.objective!r} in the config, but this is `lmforge {name}`; "

@@ -10,7 +10,8 @@
     neftune_alpha = 5.0                # (its class's `Config`, e.g. [dpo] beta = 0.1)
 
 Objectives resolve by name through OBJECTIVES (lmforge.align.config, with PostTrainConfig: importable without
-torch), lazily imported "module:Class" paths, so an objective plugs in by adding one line. An objective class is
+torch), lazily imported "module:Class" paths, so an objective plugs in by adding one line, or from outside lmforge
+with register_objective(name, ObjectiveSpec("my_module:MyObjective", "preference")). An objective class is
 built as Class(Class.Config(...)) plus, when its constructor takes them, reference=/reference_path= (DPO, KTO: a
 frozen copy of `reference`, by default the init model) or teacher=/teacher_path= (distillation).
 
@@ -44,7 +45,7 @@ import torch
 from lmforge.adapt.lora import LoRAConfig
 # the run's config and the objectives' registry live in a torch-free module (`lmforge sft --help` reads them there)
 from lmforge.align.config import (OBJECTIVES, ObjectiveSpec, PostTrainConfig, config_class,  # noqa: F401
-                                  objective_spec, resolve)
+                                  objective_spec, register_objective, resolve)
 from lmforge.align.data import build_sources
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.train.data import encode_alike

@@ -34,9 +34,13 @@ def run_objective(name: str, argv: list[str]) -> int:
                               f"remove the key or run `lmforge {cfg.objective}`")
         return cfg
 
-    def check(cfg) -> None:
+    def check(cfg) -> None:  # (before torchrun relaunches `lmforge NAME` on N processes)
         from lmforge.train.posttrain import check_posttrain  # (torch: after --help and a bad flag)
 
+        if name not in HELP:  # each relaunched process would be a bare `lmforge`, which never registered it
+            raise ConfigError(f"--nproc re-runs `lmforge {name}`, but {name!r} is an objective registered in this "
+                              "script, which those processes do not run; start the script itself under torchrun "
+                              "(torchrun --nproc-per-node N YOUR_SCRIPT.py) and drop --nproc")
         check_posttrain(cfg)
 
     rc, cfg = relaunch(name, argv, parse, check)

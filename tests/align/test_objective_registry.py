@@ -63,3 +63,15 @@ def test_run_objective_is_the_command_of_a_registered_objective(capsys):
         assert "--toy-cli.weight FLOAT" in out  # its options, as built-in objectives' (tyro writes - for _)
     finally:
         C.OBJECTIVES.pop("toy_cli", None)
+
+
+def test_nproc_with_a_registered_objective_is_refused_before_any_process_starts():
+    from lmforge.cli.sft import run_objective
+
+    C.register_objective("toy_cli", C.ObjectiveSpec(f"{__name__}:ToyObjective", "sft", config=ToyConfig))
+    try:  # torchrun would run `lmforge toy_cli`: a process that never registered it
+        with pytest.raises(ConfigError, match="torchrun --nproc-per-node N YOUR_SCRIPT.py") as e:
+            run_objective("toy_cli", ["--nproc", "2", "--init", "runs/none", "--device", "cpu"])
+        assert "\n" not in str(e.value)
+    finally:
+        C.OBJECTIVES.pop("toy_cli", None)

@@ -222,6 +222,8 @@ def test_int8_weight_only_model_generates_as_its_dequantized_weights(tok, preset
     assert list(outs[0].token_ids) == want
     assert outs[0].logprobs == pytest.approx(want_lps, abs=1e-4)
     assert list(outs[1].token_ids) == greedy_by_recompute(ref, tok.encode("a dog"), 24)[0]
+    served = lf.LLM(ref, tok, config=EngineConfig(block_size=4)).generate([prompt, "a dog"], greedy)
+    assert [o.logprobs for o in outs] == [o.logprobs for o in served]  # bit for bit the float model's serving
     # and the rounding is real: the float model's log-probs of the same tokens differ
     with torch.no_grad():
         full = float_model(torch.tensor([prompt + want]))[0, len(prompt) - 1:-1].log_softmax(-1)

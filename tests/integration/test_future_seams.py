@@ -380,3 +380,9 @@ def test_a_new_kv_policy_generates_as_a_recompute_that_masks_what_it_evicts(mode
     assert evicted == [10, 13, 0] and llm.engine.stats()["evicted_tokens"] == sum(evicted)
     assert llm.engine.stats()["kv_compactions"] == 2
     assert any(a.token_ids != b.token_ids or a.logprobs != b.logprobs for a, b in zip(outs, plain))
+    # again, from the prefix cache (lossless prompt blocks, then the same one compaction), and as forked samples
+    again = llm.generate(prompts[:1], greedy.derived(n=2))[0]
+    assert again.metrics["num_cached_tokens"] > 0
+    for sample in again.outputs:
+        assert sample.token_ids == outs[0].token_ids
+        assert sample.logprobs == pytest.approx(outs[0].logprobs, abs=1e-5)

@@ -362,7 +362,14 @@ class KeptKeys:
 
 
 def test_a_new_kv_policy_generates_as_a_recompute_that_masks_what_it_evicts(model, tok):
-    policy = EveryOtherBlock(block=4, recent=8)
+    from lmforge.infer.kv.policy import POLICIES, policy_from_spec, register_policy
+
+    register_policy("every_other", EveryOtherBlock)
+    try:  # the command line's --kv-policy builds it by name now
+        policy = policy_from_spec("every_other:block=4,recent=8")
+    finally:
+        POLICIES.pop("every_other")
+    assert policy == EveryOtherBlock(block=4, recent=8)
     prompts = [TEXT[:30], TEXT[:37], "the cat"]  # 30, 37 tokens: blocks evicted; 7: kept whole
     greedy = lf.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=0)
     llm = lf.LLM(model, tok, config=EngineConfig(block_size=4, kv_policy=policy))

@@ -385,8 +385,29 @@ def _all_observed(policy: KVPolicy, seq, scores: dict, heads: tuple[int, ...]) -
 
 
 POLICIES = {"streaming": StreamingLLM, "h2o": H2O, "snapkv": SnapKV}
-"""names of the shipped policies for `policy_from_spec` (the command line's --kv-policy)"""
+"""names of the policies `policy_from_spec` builds (the command line's --kv-policy): the shipped ones, and those
+register_policy adds"""
 EXAMPLES = {"streaming": "streaming:window=256", "h2o": "h2o:heavy=64,recent=64", "snapkv": "snapkv:budget=128"}
+
+
+def register_policy(name: str, cls: type, example: str | None = None) -> type:
+    """Let policy_from_spec (the command line's --kv-policy NAME:key=value,...) build `cls`, a KVPolicy dataclass
+    written outside lmforge, by `name`, as register_model adds a model class; `example` is a spec errors show. A
+    name taken by another class is refused; registering the same class again does nothing. Returns cls."""
+    import dataclasses
+
+    if not isinstance(name, str) or not name or name != name.strip().lower() or any(c in name for c in ":,="):
+        raise ConfigError(f"a KV policy registers under a lower-case name without ':', ',' or '=' (it opens a "
+                          f"spec 'NAME:key=value,...'), got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, KVPolicy) and dataclasses.is_dataclass(cls)):
+        raise ConfigError(f"register_policy({name!r}, ...) takes a KVPolicy dataclass (its fields are the spec's "
+                          f"keys), got {getattr(cls, '__qualname__', cls)!r}")
+    if POLICIES.get(name, cls) is not cls:
+        raise ConfigError(f"KV policy {name!r} is already {POLICIES[name].__qualname__}; choose another name")
+    POLICIES[name] = cls
+    if example is not None:
+        EXAMPLES[name] = example
+    return cls
 
 
 def policy_from_spec(spec: str) -> KVPolicy:
@@ -414,7 +435,9 @@ def policy_from_spec(spec: str) -> KVPolicy:
     try:
         return kind(**fields)
     except TypeError as e:  # a required field left out
-        raise ConfigError(f"KV policy {spec!r}: {e} (e.g. {EXAMPLES[name]})") from None
+        example = EXAMPLES.get(name) or f"{name}:" + ",".join(f"{f.name}=VALUE" for f in dataclasses.fields(kind)
+                                                             if f.default is f.default_factory is dataclasses.MISSING)
+        raise ConfigError(f"KV policy {spec!r}: {e} (e.g. {example})") from None
 
 
 def check_engine(policy: KVPolicy, spec, draft, config) -> None:

@@ -28,6 +28,7 @@ from lmforge.align.frozen import Frozen, held
 from lmforge.align.logprobs import ModelAux, batch_logps
 from lmforge.align.losses import dpo_loss, ipo_loss, preference_metrics, simpo_loss
 from lmforge.errors import ConfigError
+from lmforge.train.objective import Stateless  # noqa: F401 (its earlier home: imported from here elsewhere)
 
 PAIR = ("chosen_", "rejected_")
 
@@ -40,16 +41,6 @@ def reference_logps(ref: Frozen | None, batch: dict, prefixes: tuple[str, ...], 
     if ref is None:
         raise ConfigError(f"this objective needs a reference model or the batch keys {keys}; pass reference=")
     return ref.sequence_logps(batch, prefixes, average=average)
-
-
-class Stateless:
-    """Objectives with nothing to save (no reference model, no running statistics)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class ReferenceHolder:

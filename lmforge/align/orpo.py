@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.dpo import PAIR, Stateless
+from lmforge.align.dpo import PAIR
 from lmforge.align.config import ORPOConfig
 from lmforge.align.logprobs import ModelAux, batch_logps, masked_mean
 from lmforge.align.losses import orpo_log_odds, preference_metrics
+from lmforge.train.objective import Stateless
 
 
 class ORPOObjective(Stateless):

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.align.dpo import Stateless
 from lmforge.align.logprobs import ModelAux
 from lmforge.align.value import values_of
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.tokenizer.load import takes_where
+from lmforge.train.objective import Stateless
 from lmforge.utils import eval_mode
 
 IGNORE = -100

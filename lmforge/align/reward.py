@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from lmforge.align.config import RewardConfig
-from lmforge.align.dpo import PAIR, Stateless
+from lmforge.align.dpo import PAIR
 from lmforge.align.logprobs import ModelAux, model_inputs
 from lmforge.align.losses import bradley_terry_loss
 from lmforge.align.value import freeze_unread, trunk_aux_loss
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
+from lmforge.train.objective import Stateless
 from lmforge.utils import eval_mode
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
 
 import torch
 
@@ -29,7 +28,7 @@ from lmforge.align.config import SFTConfig
 from lmforge.align.logprobs import ModelAux, masked_mean, model_logits, response_mask, token_logprobs
 from lmforge.errors import ConfigError
 from lmforge.train.distributed import eval_rows, sum_over_ranks
-from lmforge.train.objective import metric_terms
+from lmforge.train.objective import Stateless, metric_terms
 
 
 def input_embedding(model: torch.nn.Module) -> torch.nn.Module:
@@ -76,7 +75,7 @@ def sequence_mean(values: torch.Tensor, mask: torch.Tensor, doc_ids: torch.Tenso
     return (sums / counts).mean()
 
 
-class SFTObjective:
+class SFTObjective(Stateless):
     """Negative log-likelihood of the trained targets (response_mask: loss_mask if given, never -100), plus an
     MoE/MTP model's aux losses. Metrics (TRL's names): loss (the NLL alone), mean_token_accuracy, num_tokens
     (trained tokens in the batch); with aux losses also aux_loss and moe/* as pretraining. Stateless."""
@@ -109,12 +108,6 @@ class SFTObjective:
         if self.cfg.loss == "token_mean":
             return int(mask.sum())
         return int(torch.unique(document_keys(mask, batch.get("doc_ids"))[mask]).numel())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class ObjectiveEvaluator:

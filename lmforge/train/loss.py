@@ -5,10 +5,10 @@ this loss plus the model's own auxiliary losses (MoE balancing and router z-loss
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
+
+from lmforge.train.objective import Stateless
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0, ignore_index: int = -100
@@ -64,7 +64,7 @@ def model_aux(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Ten
     return aux, stats_fn() if callable(stats_fn) else {}
 
 
-class LMObjective:
+class LMObjective(Stateless):
     """Next-token cross-entropy (+ z-loss) of model(input_ids) against targets, plus model.aux_loss()
     when the model has one. Metrics: loss = the plain cross-entropy (what the golden curve and the
     validation loss measure), aux_loss when there is one, and an MoE model's moe_stats() (expert loads,
@@ -85,9 +85,3 @@ class LMObjective:
         """The trained tokens (targets other than -100) the loss averages over: the Trainer weighs accumulated
         micro-batches by them, so grad_accum micro-batches give the gradient of one batch of all their rows."""
         return int((batch["targets"] != -100).sum())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

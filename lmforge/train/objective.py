@@ -92,6 +92,17 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class Stateless:
+    """Base of objectives with nothing to save (no reference model, no running statistics): the Objective
+    protocol's state_dict / load_state_dict, empty."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 def checked_loss(loss_fn: Callable, name: str) -> Callable:
     """An objective's loss with its output checked: (a scalar tensor, {name: 0-d tensor or number}); a
     mistake is a one-line error naming the objective and what it returned, not a failure deep in the loop."""

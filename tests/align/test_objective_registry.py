@@ -75,3 +75,14 @@ def test_nproc_with_a_registered_objective_is_refused_before_any_process_starts(
         assert "\n" not in str(e.value)
     finally:
         C.OBJECTIVES.pop("toy_cli", None)
+
+
+def test_an_objective_with_nothing_to_save_takes_stateless_from_beside_the_protocol():
+    from lmforge.align.orpo import ORPOObjective
+    from lmforge.align.sft import SFTObjective
+    from lmforge.train.loss import LMObjective
+    from lmforge.train.objective import Objective, Stateless
+
+    for objective in (LMObjective(), SFTObjective(), ORPOObjective()):
+        assert isinstance(objective, Stateless) and isinstance(objective, Objective)
+        assert objective.state_dict() == {} and objective.load_state_dict({}) is None

@@ -18,7 +18,7 @@ from torch import nn
 
 import lmforge as lf
 from lmforge.adapt.lora import matches, outer_layers
-from lmforge.align.dpo import PAIR, Stateless
+from lmforge.align.dpo import PAIR
 from lmforge.align.logprobs import ModelAux, batch_logps, masked_mean
 from lmforge.errors import ConfigError
 from lmforge.infer.async_engine import AsyncEngine
@@ -27,6 +27,7 @@ from lmforge.infer.kv.policy import KVPolicy
 from lmforge.model.layers.attention import attend_with
 from lmforge.model.structure import tied_weights
 from lmforge.tokenizer.byte import ByteTokenizer
+from lmforge.train.objective import Stateless
 
 TEXT = "the cat sat on the mat. the dog sat on the log. "
 

@@ -686,14 +686,28 @@ def _with_head(backbone: torch.nn.Module, record: Any, ckpt: Path) -> torch.nn.M
     return kinds[kind](backbone, record)
 
 
-def recorded_chat_template(path: str | Path) -> str | None:
+def template_dir(path: str | Path, base: str | Path | None = None) -> Path:
+    """The checkpoint directory a checkpoint's chat template is read from (recorded_chat_template,
+    hf_chat_template): the checkpoint itself (a run directory's newest), or, for a PEFT adapter directory, that of
+    the tokenizer it loads with (adapt.peft_format.tokenizer_dir): its own beside its tokenizer.json, else its
+    base's: `base` (--base DIR, where the model loads from), else the one adapter_config.json records. Raises
+    what resolving the path raises."""
+    from lmforge.adapt.peft_format import is_peft_dir, tokenizer_dir
+
+    ckpt = resolve_checkpoint(path)
+    return resolve_checkpoint(tokenizer_dir(ckpt, base)) if is_peft_dir(ckpt) else ckpt
+
+
+def recorded_chat_template(path: str | Path, base: str | Path | None = None) -> str | None:
     """The chat template a fine-tuned checkpoint records in its config.json (None: none recorded, e.g. a
-    pretrained or HF checkpoint, or a path that is none: loading it says what is wrong)."""
+    pretrained or HF checkpoint, or a path that is none: loading it says what is wrong); a PEFT adapter
+    directory's is its base's (template_dir: an adapter over an lmforge checkpoint)."""
     try:
-        meta = json.loads((resolve_checkpoint(path) / "config.json").read_text())
+        meta = json.loads((template_dir(path, base) / "config.json").read_text())
     except (OSError, ValueError, LmforgeError):
         return None
-    return meta.get("chat_template") if isinstance(meta.get("chat_template"), str) else None
+    found = meta.get("chat_template") if isinstance(meta, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def hf_chat_template(path: str | Path, base: str | Path | None = None):
@@ -701,18 +715,14 @@ def hf_chat_template(path: str | Path, base: str | Path | None = None):
     directory, or it has none): chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or
     a list of named templates: "default"), with the special tokens the config names (bos_token, eos_token, ...),
     which the Jinja reads; its eos_token ends an answer. A PEFT adapter directory's is that of the tokenizer it
-    loads with (adapt.peft_format.tokenizer_dir): its own beside its tokenizer.json, else its base's: `base`
-    (--base DIR, where the model loads from), else the one adapter_config.json records."""
-    from lmforge.adapt.peft_format import is_peft_dir, tokenizer_dir
+    loads with (template_dir)."""
+    from lmforge.adapt.peft_format import is_peft_dir
     from lmforge.infer.chat_template import JinjaTemplate
 
     try:
-        ckpt = resolve_checkpoint(path)
-        source = tokenizer_dir(ckpt, base) if is_peft_dir(ckpt) else ckpt
+        ckpt = template_dir(path, base)
     except (OSError, LmforgeError):  # (loading it says what is wrong)
         return None
-    if source != ckpt:
-        return hf_chat_template(source)
     if not is_hf_dir(ckpt) and not is_peft_dir(ckpt):
         return None
     try:

@@ -236,6 +236,34 @@ def test_a_peft_directorys_chat_template_is_that_of_the_base_it_loads_with(tmp_p
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert hf_tok.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True) == want
 
+def test_a_peft_directory_over_an_lmforge_checkpoint_takes_the_template_it_records(tmp_path, tok):
+    """A PEFT adapter over an lmforge checkpoint (base_model_name_or_path, or --base) without a tokenizer of its
+    own loads that checkpoint's tokenizer, and so takes the chat template it records (a TEMPLATES name), as an
+    adapter over a HF base takes that base's Jinja; it had none (only a HF base's own Jinja was followed)."""
+    from lmforge.infer.chat_template import checkpoint_chat_template
+    from lmforge.infer.llm import LLM
+
+    lora = LoRAConfig(r=4, alpha=8, targets=("wq", "wv"))
+    lora_run(tmp_path / "run", adapted(tiny(tok.vocab_size), lora), tok, lora)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "peft"), "--adapter"]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # its tokenizer, and so its template, is its base's
+        (tmp_path / "peft" / name).unlink()
+    base = load_model(tmp_path / "peft" / "base", tokenizer=False)[0]
+    save_checkpoint(tmp_path / "lm", 1, base, tokenizer=tok, extra={"chat_template": "chatml"})
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path":
+                                                                       str(tmp_path / "lm")}))
+    assert checkpoint_chat_template(tmp_path / "peft") == "chatml"
+    assert LLM.load(tmp_path / "peft").chat_template == "chatml"
+    (tmp_path / "lm").rename(tmp_path / "moved")  # --base: the base it loads with
+    assert checkpoint_chat_template(tmp_path / "peft") is None
+    assert checkpoint_chat_template(tmp_path / "peft", base=tmp_path / "moved") == "chatml"
+    assert main(["export", str(tmp_path / "peft"), str(tmp_path / "merged"), "--base", str(tmp_path / "moved")]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    want = get_template("chatml").render(CONVERSATIONS[1], add_generation_prompt=True)
+    assert hf_tok.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True) == want
+
+
 def test_a_base_out_inside_out_is_written_there_and_an_out_inside_it_is_refused(tmp_path, tok, capsys):
     """--base-out OUT/nested/base was written, then replaced by OUT whole: the export said it wrote the base there
     and adapter_config.json named a directory that did not exist (found 2026-12-07); OUT inside --base-out failed

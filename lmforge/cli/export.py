@@ -275,11 +275,12 @@ def stored_dtype(ckpt: Path, model):
 
 def chat_template(cfg: ExportConfig, ckpt: Path):
     """The ChatTemplate asked for or recorded by the checkpoint's fine-tuning run, else a HF checkpoint's own Jinja
-    (checkpoint.hf_chat_template: an export of a HF directory dropped it), else None."""
+    (checkpoint.hf_chat_template: an export of a HF directory dropped it), else None; a PEFT adapter directory's
+    base's (checkpoint.template_dir)."""
     from lmforge.checkpoint import hf_chat_template, recorded_chat_template
     from lmforge.infer.chat_template import get_template
 
-    name = cfg.template or recorded_chat_template(ckpt)
+    name = cfg.template or recorded_chat_template(ckpt, base=cfg.base)
     return get_template(name) if name else hf_chat_template(ckpt, base=cfg.base)
 
 

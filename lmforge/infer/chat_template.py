@@ -570,9 +570,10 @@ def chat_request(tokenizer, template: ChatTemplate, conversation, params=None, *
 
 def checkpoint_chat_template(path, base=None) -> str | ChatTemplate | None:
     """The chat template a checkpoint directory carries, without loading it: the one a fine-tuned checkpoint
-    records (a TEMPLATES name), else a HF checkpoint's own Jinja (JinjaTemplate; a PEFT adapter's without a
-    tokenizer of its own: its base's, `base` where given as to load_model), else None. What LLM.load sets as
+    records (a TEMPLATES name), else a HF checkpoint's own Jinja (JinjaTemplate), else None; a PEFT adapter's
+    without a tokenizer of its own is its base's (an lmforge or HF checkpoint), `base` where given as to
+    load_model (checkpoint.template_dir). What LLM.load sets as
     LLM.chat_template, and choose_template's `recorded` for a server built on an Engine."""
     from lmforge.checkpoint import hf_chat_template, recorded_chat_template
 
-    return recorded_chat_template(path) or hf_chat_template(path, base=base)
+    return recorded_chat_template(path, base=base) or hf_chat_template(path, base=base)

@@ -35,7 +35,9 @@ float weights). A module quantized after its base checkpoint was loaded is not w
 adapter-only checkpoint keeps its codes (_left_to_base), and refuses to leave to the base a frozen tensor the
 base's model does not have. "dtype" is the model's float compute dtype (lmforge.utils.compute_dtype), which
 load_model builds in (a checkpoint written before it was recorded loads in fp32); integer and boolean tensors
-load only into their own dtype (castable).
+load only into their own dtype (castable). "eos_token_ids" and "bos_token_id" are the ids a HF model stops at
+and a prompt begins with (bos_record: the saved tokenizer's BOS, else the model's), which save_pretrained writes
+(a checkpoint written before bos_token_id was recorded takes its tokenizer's when that is loaded).
 """
 
 from __future__ import annotations
@@ -226,7 +228,8 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer,
     from safetensors.torch import save_file
 
     left = {"base": base, "leaves_out": LEAVES_OUT} if base else {}
-    meta = {"step": step, **model_meta(model), **left, **run_metadata(), **(extra or {})}
+    meta = {"step": step, **model_meta(model), **bos_record(model, tokenizer), **left, **run_metadata(),
+            **(extra or {})}
     if meta.get("base_layers"):  # refused only at load, maybe hours later: said now
         from lmforge.adapt.qlora import warn_unregistered
 
@@ -240,6 +243,14 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer,
     if tokenizer is not None:
         tokenizer.save(tmp)
     _seal(tmp)
+
+
+def bos_record(model, tokenizer) -> dict[str, int]:
+    """config.json's bos_token_id, the id a prompt begins with (Transformer.bos_token_id, which save_pretrained
+    writes): the tokenizer's BOS where one is saved, else the model's own (a HF checkpoint's); {} for none. Read
+    back by load_model, so a checkpoint loaded without its tokenizer, or saved without one, keeps it."""
+    bos = getattr(tokenizer, "bos_id", None) if tokenizer is not None else getattr(model, "bos_token_id", None)
+    return {"bos_token_id": int(bos)} if bos is not None else {}
 
 
 def _left_to_base(model: torch.nn.Module, meta: dict, base: dict) -> set[str]:
@@ -846,7 +857,9 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
         required = {n for n, t in _named_tensors(model) if id(t) not in given} if record else None
         load_weights(model, ckpt, required, own_frozen=False)  # the model is rebuilt: nothing is its own
         tok = load_tokenizer(ckpt) if tokenizer and (ckpt / FILE_NAME).is_file() else None
-        if tok is not None and hasattr(model, "bos_token_id"):  # (save_pretrained writes it)
+        if hasattr(model, "bos_token_id") and "bos_token_id" in meta:  # (save_pretrained writes it)
+            model.bos_token_id = meta["bos_token_id"]
+        elif tok is not None and hasattr(model, "bos_token_id"):  # one written before it was recorded: its tokenizer's
             model.bos_token_id = getattr(tok, "bos_id", None)
     return model.to(device).eval(), tok
 

@@ -122,6 +122,33 @@ def test_config_bos_token_id_is_the_tokenizers(tmp_path, tok):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "bos-hf")
     assert hf_tok("Hello")["input_ids"][0] == hf_tok.bos_token_id == want
 
+def test_a_checkpoint_records_the_bos_token_id_and_loads_it_without_its_tokenizer(tmp_path, tok, monkeypatch):
+    """save_checkpoint records bos_token_id as it records eos_token_ids: the tokenizer's BOS, else the model's own (a
+    HF checkpoint's). Before, only a tokenizer read back gave it: a HF model's checkpoint saved without one, or any
+    checkpoint loaded with tokenizer=False, exported bos_token_id null. One written before it was recorded takes
+    its tokenizer's, as it did."""
+    from lmforge import checkpoint
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    with_bos = Tokenizer.from_dict({**tok.to_dict(), "prefix_tokens": ["<|begin_of_text|>"]})
+    bos = tok.special_tokens["<|begin_of_text|>"]
+    save_checkpoint(tmp_path / "ckpt", 1, tiny(tok.vocab_size), tokenizer=with_bos)
+    assert load_model(tmp_path / "ckpt", tokenizer=False)[0].bos_token_id == bos
+    hf = tiny(tok.vocab_size)
+    hf.bos_token_id = 7  # as Transformer.from_pretrained reads it
+    save_checkpoint(tmp_path / "hf_run", 1, hf)
+    model = load_model(tmp_path / "hf_run")[0]
+    assert model.bos_token_id == 7
+    model.save_pretrained(tmp_path / "hf")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").bos_token_id == 7
+    monkeypatch.setattr(checkpoint, "bos_record", lambda model, tokenizer: {})  # an older lmforge's checkpoint
+    save_checkpoint(tmp_path / "old", 1, tiny(tok.vocab_size), tokenizer=with_bos)
+    old = tmp_path / "old" / "checkpoints" / "step_000001" / "config.json"
+    assert "bos_token_id" not in json.loads(old.read_text())
+    assert load_model(tmp_path / "old")[0].bos_token_id == bos
+    assert load_model(tmp_path / "old", tokenizer=False)[0].bos_token_id is None
+
+
 def test_save_pretrained_writes_the_bos_token_id_the_model_knows(tmp_path, tok):
     """bos_token_id reaches config.json through save_pretrained, as eos_token_id does (an export patched config.json
     after it): the tokenizer's of an lmforge checkpoint, a HF checkpoint's own (the family's default where its

@@ -195,7 +195,8 @@ class Transformer(TrunkFront, nn.Module):
         # set by from_pretrained, kept by lmforge checkpoints, written by save_pretrained, read by the engine)
         self.eos_token_ids: tuple[int, ...] = ()
         # the id a prompt begins with, config.json's bos_token_id (None: none): a HF checkpoint's, an lmforge
-        # checkpoint's tokenizer's BOS (its first prefix token); written by save_pretrained
+        # checkpoint's recorded one (checkpoint.bos_record: its tokenizer's BOS, its first prefix token, else the
+        # model's); written by save_pretrained
         self.bos_token_id: int | None = None
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self._embed_scales = embed_scales(cfg.embed_scale)

@@ -456,8 +456,7 @@ class Engine:
         With prev pending, decode inputs that are prev's samples are copied on the device. Requests the
         scheduler found can never fit in the pool fail (into `changed`)."""
         if self.kv_policy is not None:  # evictions first: this step's slots follow them (kv.policy)
-            for seq in self.kv_policy.plan(self.scheduler.running):  # no free block for its copies
-                self.scheduler.preempt(seq)
+            self.kv_policy.plan(self.scheduler.running, self.scheduler.preempt_for)  # (no room: preemptions)
         batch = self.scheduler.next_batch(idle=prev is None)
         for seq in batch.preempted:  # its cache state went with its blocks: recomputed from its first token
             self._cache_event("preempt", seq.seq_id)

@@ -7,7 +7,8 @@ Plain Python over `Sequence` objects and a `BlockPool`; no model, no tensors (te
      back to the front of the queue with its tokens so far, and is prefilled again later: the output is
      the same, and its random stream simply continues); if it is the sequence itself, it waits - unless
      it holds every block in use: then it never fits (recomputed, it would come back to this point forever)
-     and is dropped into Batch.failed, whose requests the engine fails with an error.
+     and is dropped into Batch.failed, whose requests the engine fails with an error. A KV policy's
+     compaction that finds no free block preempts the same way (`preempt_for`).
   2. then waiting sequences in arrival order (preempted ones first), while the budget, max_num_seqs and
      the pool allow; a prompt longer than the budget is split across steps (chunked prefill) unless
      chunked_prefill is off. Nothing is admitted in a step that preempted (it would only thrash).
@@ -129,14 +130,25 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------------
     def preempt(self, seq: Sequence, last: bool = False) -> None:
-        """Preempt a running sequence before schedule() (a KV policy's compaction found no free block for
-        its copies): reported among the next batch's preempted, which admits nothing new. last: it waits behind
+        """Preempt a running sequence before schedule() (for a KV policy's compaction, `preempt_for`; idle beams,
+        `next_batch`): reported among the next batch's preempted, which admits nothing new. last: it waits behind
         every waiting sequence (not in front, as a preempted sequence does)."""
         self.running.remove(seq)
         self._preempt(seq, self._early)
         if last:
             self.waiting.remove(seq)
             self.waiting.append(seq)
+
+    def preempt_for(self, seq: Sequence, compacted: Callable[[], bool]) -> None:
+        """A KV policy's compaction of seq found no free block for its copies (a plan is never skipped): retry it
+        (`compacted`), and while it finds none preempt the newest running sequence as schedule() does for a chunk,
+        seq itself when it is the newest (nothing to do when it was preempted for an older one). The oldest running
+        sequence thus always compacts - alone, its blocks are its own, and a compaction never takes more fresh
+        blocks than it releases - and runs. Preempting the sequence whose compaction failed, sequences sharing
+        prefix blocks failed together, were readmitted together onto the same blocks and failed again, forever
+        (positions within the cache cap a readmission's prefix hit, so it made no progress; found 2026-12-07)."""
+        while seq.status == Status.RUNNING and not compacted():
+            self.preempt(self.running[-1])
 
     def next_batch(self, idle: bool) -> Batch:
         """schedule(), again while the step would be empty with work waiting: the sequences preempted before it

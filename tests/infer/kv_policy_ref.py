@@ -135,7 +135,8 @@ def snapkv_by_hand(probs: dict[int, list[torch.Tensor]], prompt_len: int, budget
 def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.Tensor]:
     """The engine's schedule on the reference: log[step] = [(seq, start, n[, tokens held then, preemptions])]. A
     sequence first seen after position 0 is a fork and starts from its parent's state as the prompt's last chunk
-    left it (the parent may have decoded further before the fork's first step: a small token budget). Start 0
+    left it (the parent may have decoded further before the fork's first step: a small token budget), unless it
+    was preempted before its first step (then recomputed: a restart, from a prefix hit or 0). Start 0
     (re)starts a sequence (its prompt: the tokens held then, `RefCache.prompt_len`), and so does a preemption since
     its last step, also at start > 0 after a prefix hit (which may equal where it stopped: blocks computed before
     any eviction are in the prefix cache). Returns {(seq_id, position):
@@ -147,16 +148,19 @@ def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.T
     times: dict[int, int] = {}  # each sequence's preemptions when last scheduled
     out = {}
     for step in log:
-        for seq, start, *_ in step:
-            if seq.index > 0 and seq.seq_id not in states:  # forks share the prompt's state, whatever the first
-                states[seq.seq_id] = copy.deepcopy(prefilled[seq.request.seqs[0].seq_id])  # sequence did since
+        for seq, start, _, *held in step:
+            # forks share the prompt's state, whatever the first sequence did since; one preempted before its first
+            # step is recomputed (from a prefix hit: a restart)
+            if seq.index > 0 and seq.seq_id not in states and not (len(held) > 1 and held[1]):
+                states[seq.seq_id] = copy.deepcopy(prefilled[seq.request.seqs[0].seq_id])
         for seq, start, n, *held in step:
             hit = False
             preempted = len(held) > 1 and held[1] != times.setdefault(seq.seq_id, held[1])
             times[seq.seq_id] = held[1] if len(held) > 1 else 0
             if seq.seq_id not in states or start < states[seq.seq_id].length or preempted:  # new, or restarted
-                states[seq.seq_id] = ref = (CachePositionsRef(cfg.n_layers, kv, model.rope) if getattr(policy, "cache_positions", False)
-                                            else RefCache(cfg.n_layers, kv))
+                ref = (CachePositionsRef(cfg.n_layers, kv, model.rope) if getattr(policy, "cache_positions", False)
+                       else RefCache(cfg.n_layers, kv))
+                states[seq.seq_id] = ref
                 ref.prompt_len = held[0] if held else None
                 if start:  # blocks from the prefix cache: a lossless prefill of the prefix
                     with torch.no_grad():
@@ -181,9 +185,10 @@ def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.T
     return out
 
 
-def run(model, tok, config, prompts, params, before=None):
+def run(model, tok, config, prompts, params, before=None, max_steps: int = 2000):
     """The engine's outputs and its schedule: [(seq, num_computed before, n, tokens held, preemptions)] per step.
-    before(engine): called before the first request (spies)."""
+    before(engine): called before the first request (spies). max_steps: a bound, so a scheduling loop fails the
+    test instead of hanging it."""
     engine = Engine(model, tok, config)
     if before is not None:
         before(engine)
@@ -194,8 +199,12 @@ def run(model, tok, config, prompts, params, before=None):
         return real(batch, *a, **k)
     engine.runner.execute = spy
     reqs = [engine.requests[engine.add_request(p, params)] for p in prompts]
-    while engine.has_unfinished():
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
         engine.step()
+    assert not engine.has_unfinished(), (f"unfinished after {max_steps} steps "
+                                         f"({engine.stats()['preemptions']} preemptions)")
     return engine, reqs, log
 
 

@@ -90,6 +90,28 @@ def test_preempted_streams_restart_from_their_first_position(tok, monkeypatch):
     assert engine.pool.num_used == 0
 
 
+@pytest.mark.parametrize("block,kv_tokens", [(2, 20), (4, 24)])
+def test_samples_whose_compactions_fail_together_make_progress(tok, monkeypatch, block, kv_tokens):
+    """n = 2 samples of a prompt longer than the window share its cached lossless blocks; both compactions find no
+    free block for their copies. Each was preempted itself, both were readmitted onto the same blocks (the window
+    caps the hit, so at the same point) and failed again: forever, every step running chunks. Now the newest
+    running sequence is preempted for the older one's compaction (as a chunk preempts), so the oldest always runs;
+    the outputs still follow the policy (the reference replays the schedule)."""
+    from lmforge.infer.scheduler import Scheduler
+
+    victims, real = [], Scheduler.preempt
+    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq, last=False: victims.append(seq.seq_id) or
+                        real(self, seq, last))
+    model = tiny_model("llama", max_seq_len=16)
+    policy = StreamingLLM(sink_tokens=4, window=8, slack=1, positions="cache")
+    sp = SamplingParams(temperature=1.0, n=2, seed=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    config = EngineConfig(block_size=block, kv_policy=policy, num_kv_tokens=kv_tokens, max_num_batched_tokens=8)
+    engine, reqs, log = run(model, tok, config, [list(range(1, 21))], sp, max_steps=100)
+    assert victims and len(log) < 40
+    assert check_against(replay(model, log, policy), reqs, greedy=False) == 12
+    assert engine.pool.num_used == 0
+
+
 def test_a_prefix_hit_as_long_as_the_window_leaves_room_for_a_chunk(tok):
     """A first request's prompt fills the whole window before its first eviction, so its lossless blocks (all
     max_seq_len positions) are cached; the same prompt again hits them - trimmed to leave room for a chunk below

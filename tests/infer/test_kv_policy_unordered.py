@@ -68,9 +68,9 @@ def counting(engine, rows: list) -> None:
         got["cow"] += sum(min(4, k - j * 4) for j in cow or ())
         return cow
 
-    def counted(running):
+    def counted(running, make_room):
         before = (got["moved"], sess.evicted_tokens, got["cow"], sess.compactions)
-        out = plan(running)
+        out = plan(running, make_room)
         rows.append(tuple(a - b for a, b in zip((got["moved"], sess.evicted_tokens, got["cow"], sess.compactions),
                                                   before)))
         return out

@@ -30,7 +30,9 @@ A step of the engine with a policy (lmforge.infer.engine):
      whole, in order, takes that block's table entry instead (StreamingLLM dropping whole middle blocks
      copies nothing); a block others hold or the prefix cache names is never written (a fresh one is);
      blocks past the end go back to the pool (`BlockPool.compact`). A sequence whose copies find no free
-     block is preempted (a plan is never skipped: outputs follow the policy's definition). The copies of
+     block is retried after the newest running sequences are preempted, as a chunk preempts them - itself
+     when it is the newest (a plan is never skipped: outputs follow the policy's definition; the oldest
+     running sequence always compacts, so some sequence always runs: Scheduler.preempt_for). The copies of
      all sequences compacting before a step run as one gather and one write per pool (`_flush`).
      ordered_slots = False (`_fill_moves`): each evicted slot below the new count K takes a surviving key of
      a slot >= K, per layer and kv head, so an eviction of E keys copies E keys per (layer, head), not K
@@ -514,17 +516,26 @@ class PolicySession:
         self.evicted_tokens = self.compactions = 0
 
     # engine events ------------------------------------------------------------------------------------
-    def plan(self, running) -> list:
-        """Before scheduling: apply every running sequence's plan; returns those whose compaction found no
-        free block for its copies (the engine preempts them: a plan is never skipped). The copies of all of
-        them run as one gather and one write per pool (`_flush`), not one per sequence: a policy evicting
-        every step (H2O, TOVA) compacts every running sequence each step."""
+    def plan(self, running, make_room) -> None:
+        """Before scheduling: apply every running sequence's plan. One whose compaction found no free block for
+        its copies goes to make_room(seq, retry) (Scheduler.preempt_for: the newest running sequences are
+        preempted until its retry fits, or it itself - a plan is never skipped). The copies of all of them run
+        as one gather and one write per pool (`_flush`), not one per sequence: a policy evicting every step (H2O,
+        TOVA) compacts every running sequence each step; the retries' as one more, after the first are written
+        and turned (a preempted sequence's blocks may be the fresh ones a retry writes)."""
         moves: list = []
         failed = [seq for seq in running if not self.apply(seq, moves)]
+        self._finish(moves)
+        moves = []
+        for seq in failed:
+            make_room(seq, lambda: self.apply(seq, moves))
+        self._finish(moves)
+
+    def _finish(self, moves: list) -> None:
+        """The copies of a round of compactions, then the turns of the keys they moved, then the cache told."""
         self._flush(moves)
         self._turn()
         self._tell()
-        return failed
 
     def _tell(self) -> None:
         """Tell the cache of each compaction since the last call, once its keys moved (PagedCache.compacted: a

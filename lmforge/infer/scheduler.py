@@ -7,8 +7,9 @@ Plain Python over `Sequence` objects and a `BlockPool`; no model, no tensors (te
      back to the front of the queue with its tokens so far, and is prefilled again later: the output is
      the same, and its random stream simply continues); if it is the sequence itself, it waits - unless
      it holds every block in use: then it never fits (recomputed, it would come back to this point forever)
-     and is dropped into Batch.failed, whose requests the engine fails with an error. A KV policy's
-     compaction that finds no free block preempts the same way (`preempt_for`).
+     and is dropped into Batch.failed, whose requests the engine fails with an error (found so before any
+     newer sequence is preempted, those keep running). A KV policy's compaction that finds no free block
+     preempts the same way (`preempt_for`).
   2. then waiting sequences in arrival order (preempted ones first), while the budget, max_num_seqs and
      the pool allow; a prompt longer than the budget is split across steps (chunked prefill) unless
      chunked_prefill is off. Nothing is admitted in a step that preempted (it would only thrash).
@@ -26,7 +27,7 @@ the same, unless that token is its last (max_tokens or the context window).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -69,9 +70,10 @@ class Batch:
     drafts: dict[int, int] = field(default_factory=dict)
     """seq_id -> speculative drafts ending its chunk (set by the engine after drafting)"""
     failed: list[tuple[Sequence, int]] = field(default_factory=list)
-    """(sequence, KV blocks its next chunk needs) of sequences that hold every block in use and still do not fit:
-    they never will (preempting itself, one would be recomputed up to the same point, forever). Out of the batch
-    and of every queue, their blocks freed: the caller ends their requests (the engine fails them)"""
+    """(sequence, KV blocks its next chunk needs) of sequences that do not fit holding every block in use (with
+    the newer running sequences preempted, which is not done then: it would be for nothing): they never will
+    (preempting itself, one would be recomputed up to the same point, forever). Out of the batch and of every
+    queue, their blocks freed: the caller ends their requests (the engine fails them)"""
 
     @property
     def num_tokens(self) -> int:
@@ -203,6 +205,12 @@ class Scheduler:
             drafts = n == remaining and seq.request.forked
             extra = max(0, min(seq.request.lookahead, budget - n, left)) if drafts else 0
             copies = self.pool.try_append(seq.block_table, seq.num_slots, n + extra)
+            if copies is None and self._fails_alone(seq, n + extra, queue):  # preempting newer ones: for nothing
+                for sibling in [s for s in queue if s.request is seq.request]:  # (its request ends with it)
+                    queue.remove(sibling)
+                    self._preempt(sibling, batch)
+                self._fail(seq, n + extra, batch)
+                continue
             while copies is None:  # no room: preempt the newest running sequence (this one last)
                 if not queue and self._alone(seq):  # nothing left to free: it never fits (`Batch.failed`)
                     self._fail(seq, n + extra, batch)
@@ -315,12 +323,28 @@ class Scheduler:
         own = set(seq.block_table) - {self.pool.null}
         return self.pool.num_used == len(own) and all(self.pool.ref[b] == 1 for b in own)
 
+    def _need_alone(self, seq: Sequence, new: int) -> int:
+        """The blocks seq holds for its next `new` tokens when it holds them alone (no block shared)."""
+        pool = self.pool
+        own = len(set(seq.block_table) - {pool.null})
+        return own + max(0, pool.blocks_for(seq.num_slots + new) - len(seq.block_table))
+
+    def _fails_alone(self, seq: Sequence, new: int, newer) -> bool:
+        """Whether seq fails (`_fail`) once the `newer` running sequences, which it would preempt one by one, gave
+        their blocks back: it then holds every block in use, and its next `new` tokens still need more blocks
+        than the pool has. Preempting them first was for nothing (they were recomputed)."""
+        pool = self.pool
+        if self._need_alone(seq, new) <= pool.num_blocks:
+            return False
+        holders = Counter(b for s in (seq, *newer) for b in set(s.block_table) - {pool.null})
+        return pool.num_used == len(holders) and all(pool.ref[b] == k for b, k in holders.items())
+
     def _fail(self, seq: Sequence, new: int, batch: Batch) -> None:
         """seq needs more blocks for its next `new` tokens than the whole pool: out of the running batch, its blocks
         freed, reported in batch.failed (status WAITING in no queue: finish() then finds it nowhere). Its request
         ends, so its other sequences waiting (samples preempted before) leave the queue too: none is admitted."""
         pool = self.pool
-        need = len(set(seq.block_table) - {pool.null}) + pool.needed(seq.block_table, seq.num_slots, new)
+        need = self._need_alone(seq, new)
         pool.release(seq.block_table)
         seq.status = Status.WAITING
         batch.failed.append((seq, need))

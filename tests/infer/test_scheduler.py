@@ -109,6 +109,40 @@ def test_a_sequence_waits_while_another_holds_blocks_and_fails_only_alone():
     assert batch.failed == [] and [(s.seq_id, n) for s, n in batch.chunks] == [(1, 13)]
 
 
+def test_a_sequence_that_never_fits_preempts_no_newer_one_for_nothing():
+    """The oldest sequence's next chunk needs 6 blocks of a 4-block pool: it fails whatever the newer sequence beside
+    it holds. That one was preempted first (and recomputed) for nothing; it keeps its block and decodes."""
+    sched = make(num_blocks=4, block_size=4, max_num_batched_tokens=12)
+    a, b = seq(0, 30), seq(1, 3)
+    sched.add(a)
+    run(sched, sched.schedule())  # a: a chunk of 12 in 3 blocks
+    sched.pool.append(b.block_table, 0, 3)  # b: running beside it in the 4th block, its prompt computed
+    b.num_computed = 3
+    b.tokens.append(7)
+    sched.add_running(b, a)
+    held = list(b.block_table)
+    batch = sched.schedule()
+    assert batch.failed == [(a, 6)] and batch.preempted == [] and sched.num_preemptions == 0
+    assert [(s.seq_id, n) for s, n in batch.chunks] == [(1, 1)] and sched.running == [b] and b.block_table == held
+    assert sched.pool.num_used == 1
+
+
+def test_a_failing_sequences_newer_sibling_goes_with_it():
+    """A sample forked after it shares its blocks and the failure ends their request: the sibling leaves the batch
+    and the queue (as when it was preempted first), not run in a step its request is failed in."""
+    sched = make(num_blocks=4, block_size=4, max_num_batched_tokens=12)
+    a = seq(0, 30)
+    sched.add(a)
+    run(sched, sched.schedule())  # a: a chunk of 12 in 3 blocks
+    sib = Sequence(1, a.request, 1, list(a.tokens))
+    a.request.seqs = [a, sib]
+    sib.block_table, sib.num_computed = sched.pool.fork(a.block_table), 12
+    sched.add_running(sib, a)
+    batch = sched.schedule()
+    assert batch.failed == [(a, 6)] and batch.preempted == [sib] and batch.chunks == []
+    assert sched.running == [] and list(sched.waiting) == [] and sched.pool.num_used == 0
+
+
 def test_a_failed_sequences_waiting_siblings_leave_the_queue():
     """Samples of one request: when the last one holding blocks fails, its request ends, so its preempted sibling is
     not admitted in its place (the engine aborted the request after the step had admitted it). Another request's

@@ -51,8 +51,9 @@ class Scoring:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
         log-probs given everything before them, and whether the continuation is the greedy one (each of
         its tokens the argmax, the first maximal id as greedy decoding picks: a token merely tied with it is
-        not greedy, as in lm-eval). Strings are split as lm-eval does: the context's trailing whitespace moves
-        to the continuation, the context is tokenized alone and the continuation is what follows that many
+        not greedy, as in lm-eval; on a padded vocabulary the argmax of the tokenizer's ids, where lm-eval's HFLM
+        takes every row's: docs/inference.md). Strings are split as lm-eval does: the context's trailing whitespace
+        moves to the continuation, the context is tokenized alone and the continuation is what follows that many
         tokens of context + continuation tokenized whole (a merge across the boundary is not undone: the
         scored sequence is the context's own tokens, then those); both are tokenized as prompts (text_ids: a
         Llama-3 tokenizer's BOS first, as HF's tokenizer does for lm-eval); token ids are taken as they are. An

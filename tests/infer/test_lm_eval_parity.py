@@ -65,6 +65,33 @@ def test_score_equals_lm_eval_hf_loglikelihood(tmp_path):
     assert len(tok.encode(pairs[3][0])) > 64  # (the window case is one)
 
 
+def test_is_greedy_on_a_padded_vocabulary_is_the_tokenizers_argmax_where_lm_eval_takes_every_rows(tmp_path):
+    """The one documented difference (docs/inference.md): a padded row (50,304 rows for GPT-2's 50,257 tokens) that
+    is the raw argmax. lm-eval's HFLM takes argmax over every row the model returns (0.4.x slices nothing to the
+    tokenizer's vocab_size, whatever its comment says), so the continuation is not greedy there; lmforge's is_greedy
+    is greedy decoding's choice, which never draws a padded id. The log-probs agree (both over every row)."""
+    from lm_eval.api.instance import Instance
+
+    tok = load_tokenizer(shared_data("gpt2"))
+    model = tiny_model("llama", vocab_size=50304, init_std=0.3, max_seq_len=64)
+    ctx, cont = "First Citizen:\nBefore we proceed", " any"
+    ids, c = tok.encode(ctx), tok.encode(cont)[0]
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0][0, -1]))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+        hook.remove()
+        h = seen[0] / seen[0].norm() ** 2  # rows along h: logit = scale after the context
+        model.lm_head.weight[c], model.lm_head.weight[50300] = 20 * h, 30 * h  # c: the tokenizer's argmax, 50300 all's
+    model.save_pretrained(tmp_path)
+    tok.save_hf(tmp_path)
+    want = _hflm(tmp_path, eos_token="<|endoftext|>").loglikelihood([Instance("loglikelihood", {}, (ctx, cont), 0)],
+                                                                     disable_tqdm=True)
+    got = LLM(model, tok).score([(ctx, cont)])
+    assert want[0][1] is False and got[0][1] is True
+    assert got[0][0] == pytest.approx(want[0][0], abs=1e-4)
+
+
 def _llama3_style_tokenizer(tmp_path):
     """GPT-2's tokenizer.json with Llama-3's BOS rule: <|begin_of_text|> (id 50257) added by a TemplateProcessing
     post_processor, so HF's encode puts it before every text."""

@@ -263,12 +263,8 @@ class Scheduler:
             elif computing and _next_key(pool, tokens, hits) in computing:
                 break  # its next block is being computed now (a shared few-shot prefix): hit it next step
                 # (FIFO: those behind it wait too, as they do behind a prompt the pool cannot hold)
-            if self.max_positions is not None:  # positions within the cache: a hit leaves room for a chunk
-                hits = hits[:(self.max_positions - 1) // pool.block_size]
+            hits, n = self._first_chunk(seq, hits, budget)
             start = len(hits) * pool.block_size
-            n = min(len(seq.tokens) - start, budget)
-            if self.max_positions is not None:  # and the chunk's last position stays below the window
-                n = min(n, self.max_positions - start)
             if n <= 0 or n < len(seq.tokens) - start and not self.config.chunked_prefill:
                 break
             if seq.snapshot_marks:
@@ -294,6 +290,25 @@ class Scheduler:
             budget -= n
             seats += need
         return budget
+
+    def _first_chunk(self, seq: Sequence, hits: list[int], budget: int) -> tuple[list[int], int]:
+        """(the prefix hit an admission takes, its first chunk's tokens). Positions within the cache: the hit leaves
+        room for a chunk and the chunk's last position stays below the window. A hit that, with its chunk, needs more
+        blocks than the whole pool is shortened until they fit (its tokens computed instead): a KV policy bounds a
+        sequence's keys by evicting after each chunk, which add_request's pool check counts on, but a hit hands
+        over its lossless keys at once - it waited for room it would never get, and the step raised "could not fit
+        any sequence" for every request (found 2026-12-07). (Not a state model's hit: it ends at a snapshot.)"""
+        pool = self.pool
+        if self.max_positions is not None:
+            hits = hits[:(self.max_positions - 1) // pool.block_size]
+        while True:
+            start = len(hits) * pool.block_size
+            n = min(len(seq.tokens) - start, budget)
+            if self.max_positions is not None:
+                n = min(n, self.max_positions - start)
+            if not hits or self.snapshots is not None or pool.blocks_for(start + n) <= pool.num_blocks:
+                return hits, n
+            hits = hits[:-1]
 
     def _marks(self, seq: Sequence, hits: list[int]) -> list[int]:
         """A state model's prefix hit: the cached blocks up to the last one whose key has a state snapshot.

@@ -612,6 +612,22 @@ def test_a_streaming_request_longer_than_the_pool_runs_in_bounded_blocks(tok):
     assert len(outs[0].token_ids) == 60
 
 
+@pytest.mark.parametrize("positions", ["original", "cache"])
+def test_a_prefix_hit_too_long_for_the_pool_with_its_chunk_is_shortened(tok, positions):
+    """Two requests of one 49-token prompt on a 6-block pool: the second finds the first's lossless chunk (16 tokens)
+    cached, but that hit and its 16-token chunk need 8 blocks, more than the pool (add_request counted the policy's
+    bound of keys, 20: it evicts after each chunk). It waited for room it would never get, and the step raised
+    "could not fit any sequence" for both requests; now the hit is shortened to fit, and the outputs follow the
+    policy (the reference replays the schedule)."""
+    model = tiny_model("llama", max_seq_len=32 if positions == "cache" else 128)
+    policy = StreamingLLM(sink_tokens=2, window=1, slack=2, positions=positions)
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
+    config = EngineConfig(block_size=4, max_num_batched_tokens=16, num_kv_tokens=24, kv_policy=policy)
+    engine, reqs, log = run(model, tok, config, [list(range(1, 50))] * 2, sp, max_steps=100)
+    assert check_against(replay(model, log, policy), reqs, greedy=True) == 8
+    assert reqs[1].seqs[0].num_cached_tokens == 4 and engine.pool.num_used == 0  # 1 of the 4 blocks cached
+
+
 @dataclass(frozen=True, kw_only=True)
 class UnderReported(StreamingLLM):
     """A policy whose max_slots under-reports: it holds up to sink_tokens + window + slack keys, not 8."""

@@ -212,6 +212,26 @@ def test_prefix_hits_reuse_full_blocks_and_leave_the_last_token():
     assert pool.stats.hit_blocks == 3 and pool.stats.queried_blocks == 2 + 2 + 1
 
 
+def test_a_prefix_hit_that_with_its_chunk_outgrows_the_pool_is_shortened():
+    """A 40-token prompt whose first 16 tokens are cached, on a 6-block pool, 16 tokens a step: hit + chunk need 8
+    blocks, more than the pool ever has (a KV policy's sequence gets this far: it evicts after each chunk). It
+    waited for that room forever; now the hit is shortened to 2 blocks, and the prompt is admitted."""
+    pool = BlockPool(6, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16), pool)
+    a = seq(0, 17)
+    sched.add(a)
+    run(sched, sched.schedule())  # a: 16 tokens in 4 blocks, which the prefix cache names
+    for b, k in zip(a.block_table, pool.block_keys(a.tokens[:16])):
+        pool.register(b, k)
+    cached = a.block_table[:2]
+    sched.finish(a)
+    b = seq(1, 40)
+    sched.add(b)
+    batch = sched.schedule()
+    assert batch.chunks == [(b, 16)] and b.num_cached_tokens == 8 and b.block_table[:2] == cached
+    assert pool.num_used == 6
+
+
 def test_released_prefix_blocks_stay_cached_until_evicted_lru():
     pool = BlockPool(3, 2)
     t = [pool._take() for _ in range(3)]

@@ -352,6 +352,9 @@ class Gathered:
         from lmforge.checkpoint import frozen_names
 
         self.frozen = frozen_names(model)  # what an adapter-only checkpoint leaves to its base
+        # a HF model's end-of-sequence ids and BOS, which the checkpoint records (checkpoint.model_meta, bos_record)
+        self.eos_token_ids = tuple(getattr(model, "eos_token_ids", None) or ())
+        self.bos_token_id = getattr(model, "bos_token_id", None)
         record = getattr(model, "head_record", None)
         if record is not None:  # a head on a backbone (a reward model): checkpoint.model_meta records both
             self.head_record, self.backbone = record, Gathered(model.backbone, {})

@@ -365,3 +365,18 @@ def test_a_checkpoint_from_before_moe_experts_loads(tmp_path):
     ckpt.load_weights(fresh, path)
     assert torch.equal(fresh(ids), model(ids))
     assert torch.equal(ckpt.load_model(path, tokenizer=False)[0](ids), model(ids))
+
+
+def test_a_sharded_runs_checkpoint_keeps_the_models_eos_and_bos_ids(tmp_path):
+    """A HF model's end-of-sequence ids and BOS (Transformer.eos_token_ids, bos_token_id) go into its checkpoint;
+    the stand-in an FSDP run saves through (distributed.Gathered) carried neither, so a fine-tuned Llama saved by
+    a sharded run stopped only at the tokenizer's end of text and exported bos_token_id null."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.distributed import Gathered
+
+    model = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16))
+    model.eos_token_ids, model.bos_token_id = (5, 6), 7  # as from_pretrained reads a HF checkpoint's
+    for name, saved in (("single", model), ("sharded", Gathered(model, dict(model.state_dict())))):
+        loaded, _ = ckpt.load_model(ckpt.save_checkpoint(tmp_path / name, 1, saved), tokenizer=False)
+        assert (loaded.eos_token_ids, loaded.bos_token_id) == ((5, 6), 7), name

@@ -288,11 +288,20 @@ class SLiCObjective(Stateless):
 
 
 def test_a_registered_objective_trains_through_the_post_training_run(tmp_path, model, tok):
-    from lmforge.align.config import ObjectiveSpec, config_class, register_objective
+    from lmforge.align.config import OBJECTIVES, ObjectiveSpec, register_objective
+
+    register_objective("slic", ObjectiveSpec(f"{__name__}:SLiCObjective", "preference", config=SLiCConfig))
+    try:
+        _train_slic(tmp_path, model, tok)
+    finally:  # (the registry is the process's: later tests see every registered objective)
+        OBJECTIVES.pop("slic")
+
+
+def _train_slic(tmp_path, model, tok) -> None:
+    from lmforge.align.config import config_class
     from lmforge.checkpoint import save_checkpoint
     from lmforge.train.posttrain import posttrain
 
-    register_objective("slic", ObjectiveSpec(f"{__name__}:SLiCObjective", "preference"))
     init = save_checkpoint(tmp_path / "base", 0, model, tokenizer=tok)
     pairs = [{"prompt": f"the {a} sat on the", "chosen": f" {b}.", "rejected": f" {c}."}
              for a, b, c in [("cat", "mat", "log"), ("dog", "log", "mat")] * 8]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AbstractSet, Collection, Iterable, Iterator, Literal
@@ -141,9 +142,14 @@ class Tokenizer:
             raise ConfigError(f"two special tokens share an id: {self.special_tokens}")
         # a special's id is an ordinary token too (BPE may emit it) where its bytes are not its text (HF's added
         # "Ã" on byte 0xC3's id) or are ones BPE makes (a byte, a merge's product: an added "at" on the merged "at")
+        # that no other id holds (a special "at" beside the merged "at" of another id is only a special, as before)
         made = {a + b for a, b in self.merges}
-        only_special = {i for s, i in self.special_tokens.items()
-                        if self.vocab[i] == s.encode() and len(self.vocab[i]) > 1 and self.vocab[i] not in made}
+        holders = Counter(self.vocab.values())
+        only_special = {i for s, i in self.special_tokens.items() if self.vocab[i] == s.encode()
+                        and (len(self.vocab[i]) > 1 and self.vocab[i] not in made or holders[self.vocab[i]] > 1)}
+        self.shared_ids = frozenset(self.special_tokens.values()) - only_special
+        """special ids BPE also emits as ordinary tokens (their bytes: vocab), as HF gives an added token spelled as
+        a vocab entry that entry's id; their bytes count in bits per byte (detok.token_text_bytes)"""
         self._by_bytes: dict[bytes, int] = {}
         for i, b in sorted(self.vocab.items()):
             if i < 0:
@@ -474,6 +480,8 @@ class Tokenizer:
         added-token flags (every added token is read back special and matched in the raw text); tiktoken's no special
         tokens either (`read_back_specials`: what a reader assumes instead)."""
         specials_lost = read_back_specials is not None and read_back_specials != self.special_tokens
+        back = self.special_tokens if read_back_specials is None else read_back_specials
+        eos_lost = self.eot_id is not None and end_of_text(back) != self.eot_id  # (a reader takes EOT_NAMES' first)
         lost = [what for what, gone in (("pre-tokenization pattern (not GPT-2's)", self.pattern != PATTERNS["gpt2"]),
                                         (f"{self.normalization} normalization", self.normalization is not None),
                                         ("prefix/suffix tokens (BOS)", bool(self.prefix_tokens or self.suffix_tokens)),
@@ -482,13 +490,16 @@ class Tokenizer:
                                         (f"added tokens {list(self.non_special)} marked not special (read back as "
                                          "specials, which encode_ordinary leaves as text)", bool(self.non_special)),
                                         (f"added tokens {list(self.normalized)} matched in the normalized text (read "
-                                         "back as matched in the raw text, first)", bool(self.normalized)))
+                                         "back as matched in the raw text, first)", bool(self.normalized)),
+                                        (f"end-of-text token {self.eos_token!r} (read back as {end_of_text(back)}, "
+                                         "where generation stops)", eos_lost))
                 if gone]
         if lost:
             from lmforge.errors import warn_caller
 
             warn_caller(f"{fmt} cannot record this tokenizer's {' and '.join(lost)}: loaded back it gives other ids "
-                        "for some texts; share lmforge_tokenizer.json or tokenizer.json (HF), which keep it")
+                        "for some texts or stops elsewhere; share lmforge_tokenizer.json or tokenizer.json (HF), which "
+                        "keep it")
 
     @classmethod
     def from_hf(cls, path: str | Path) -> "Tokenizer":

@@ -193,3 +193,26 @@ def test_sentencepiece_added_tokens_spelled_as_vocab_pieces_take_their_ids_as_in
         assert (sp.encode(text), sp.encode_ordinary(text)) == (_hf_ids(ref, text), _hf_ids(ref, text, True)), text
     ids = range(ref.get_vocab_size())
     assert [sp.decode([i]) for i in ids] == [ref.decode([i], skip_special_tokens=False) for i in ids]
+
+
+def test_a_special_shared_with_an_ordinary_id_counts_its_bytes_and_a_duplicate_special_stays_special(
+        byte_level_doc, tmp_path):
+    """A special on the id of the byte-level entry it spells (HF's added "Ã" on byte 0xC3) is a byte BPE emits: its
+    byte counts in bits per byte (token_text_bytes counted every special id 0: 'naïve Äpfel' was 11 bytes of 13). A
+    special spelled as a merge's product another id holds (a special "at" beside the merged "at") is only a special,
+    as before shared ids were read (the constructor refused it: 'appear twice')."""
+    from lmforge.infer.detok import token_text_bytes
+
+    doc = json.loads(json.dumps(byte_level_doc))
+    doc["added_tokens"].append({"id": max(doc["model"]["vocab"].values()) + 1, "content": "Ã", "single_word": False,
+                                "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    tok = Tokenizer.from_hf(tmp_path)
+    sizes = token_text_bytes(tok, tok.vocab_size)
+    text = "naïve Äpfel"
+    assert sum(sizes[i] for i in tok.encode_ordinary(text)) == len(text.encode())
+    assert tok.shared_ids == {tok.special_tokens["Ã"]} and sizes[tok.special_tokens["<|endoftext|>"]] == 0
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"at"}
+    special = Tokenizer(vocab, [(b"a", b"t")], {"<|endoftext|>": 300, "at": 301})
+    assert special.encode_ordinary("cat") == [ord("c"), 256] and special.encode("cat") == [ord("c"), 301]
+    assert not special.shared_ids

@@ -169,3 +169,19 @@ def test_gpt2_and_tiktoken_exports_name_the_added_token_flags_they_lose(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (the same tokens, all special and matched in the raw text: nothing lost)
         Tokenizer(plain.vocab, plain.merges, plain.special_tokens).save_gpt2(tmp_path / "plain")
+
+
+def test_gpt2_and_tiktoken_exports_say_when_the_end_of_text_token_is_lost(tmp_path):
+    """A tokenizer whose eos_token is not the first of EOT_NAMES it holds (Llama-3-Instruct's <|eot_id|> beside
+    <|end_of_text|>) was exported to GPT-2 files without a word: read back, generation stops at <|end_of_text|>."""
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    plain = train_bpe(iter([TEXT]), 300, ["<|end_of_text|>", "<|eot_id|>"], progress=False, workers=1)
+    tok = Tokenizer(plain.vocab, plain.merges, plain.special_tokens, eos_token="<|eot_id|>")
+    with pytest.warns(UserWarning, match=r"end-of-text token '<\|eot_id\|>' \(read back as \d+, where generation"):
+        back = load_tokenizer(tok.save_gpt2(tmp_path)[0])
+    assert back.eot_id == tok.special_tokens["<|end_of_text|>"] != tok.eot_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (its end of text is the one a reader picks: nothing lost)
+        Tokenizer(plain.vocab, plain.merges, plain.special_tokens, eos_token="<|end_of_text|>").save_gpt2(
+            tmp_path / "plain")

@@ -247,9 +247,11 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer,
 
 def bos_record(model, tokenizer) -> dict[str, int]:
     """config.json's bos_token_id, the id a prompt begins with (Transformer.bos_token_id, which save_pretrained
-    writes): the tokenizer's BOS where one is saved, else the model's own (a HF checkpoint's); {} for none. Read
-    back by load_model, so a checkpoint loaded without its tokenizer, or saved without one, keeps it."""
-    bos = getattr(tokenizer, "bos_id", None) if tokenizer is not None else getattr(model, "bos_token_id", None)
+    writes): the saved tokenizer's BOS where it has one, else the model's own (a HF checkpoint's: Qwen2's tokenizer
+    puts no BOS, its config names one); {} for none. Read back by load_model, so a checkpoint loaded without its
+    tokenizer, or saved with or without one, keeps the same id."""
+    bos = getattr(tokenizer, "bos_id", None) if tokenizer is not None else None
+    bos = bos if bos is not None else getattr(model, "bos_token_id", None)
     return {"bos_token_id": int(bos)} if bos is not None else {}
 
 

@@ -299,16 +299,14 @@ class Scheduler:
         over its lossless keys at once - it waited for room it would never get, and the step raised "could not fit
         any sequence" for every request (found 2026-12-07). (Not a state model's hit: it ends at a snapshot.)"""
         pool = self.pool
+        end = len(seq.tokens)  # where the first chunk ends at most: start + n = min(end, start + budget)
         if self.max_positions is not None:
             hits = hits[:(self.max_positions - 1) // pool.block_size]
-        while True:
-            start = len(hits) * pool.block_size
-            n = min(len(seq.tokens) - start, budget)
-            if self.max_positions is not None:
-                n = min(n, self.max_positions - start)
-            if not hits or self.snapshots is not None or pool.blocks_for(start + n) <= pool.num_blocks:
-                return hits, n
-            hits = hits[:-1]
+            end = min(end, self.max_positions)
+        if self.snapshots is None and pool.blocks_for(end) > pool.num_blocks:  # then the hit's end + budget must fit
+            hits = hits[:max(0, (pool.num_blocks * pool.block_size - budget) // pool.block_size)]
+        start = len(hits) * pool.block_size
+        return hits, min(end - start, budget)
 
     def _marks(self, seq: Sequence, hits: list[int]) -> list[int]:
         """A state model's prefix hit: the cached blocks up to the last one whose key has a state snapshot.

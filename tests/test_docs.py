@@ -7,6 +7,8 @@ whose first line is "# NAME.toml" is written to NAME.toml before the commands ru
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -36,9 +38,16 @@ def run_guide(name: str) -> tuple[dict, list[list[str]]]:
     text = (DOCS / name).read_text()
     blocks = fenced("python", text)
     assert blocks and all("..." not in b for b in blocks), f"{name}: a python block is not runnable as written"
-    scope: dict = {}
-    for code in blocks:
-        exec(compile(code, str(DOCS / name), "exec"), scope)
+    # the blocks run in a module, as a script's lines do: what they define is importable as 'module:name' (the
+    # functions a DataKindSpec names) while the guide runs
+    guide = types.ModuleType(f"docs_{Path(name).stem}")
+    scope = guide.__dict__
+    sys.modules[guide.__name__] = guide
+    try:
+        for code in blocks:
+            exec(compile(code, str(DOCS / name), "exec"), scope)
+    finally:
+        sys.modules.pop(guide.__name__)
     for block in fenced("toml", text):
         first = block.splitlines()[0]
         if not first.startswith(NOT_RUN_BLOCK):

@@ -1,6 +1,7 @@
 """The post-training configs, importable without torch: each objective's options (SFTConfig, DPOConfig, KTOConfig,
-ORPOConfig, RewardConfig, DistillConfig), the data section (PostDataConfig), the run (PostTrainConfig) and the
-registry of objectives (OBJECTIVES; register_objective adds one from outside lmforge), with the name tables the
+ORPOConfig, RewardConfig, DistillConfig), the data section (PostDataConfig), the run (PostTrainConfig), the
+registry of objectives (OBJECTIVES; register_objective adds one from outside lmforge) and of the record kinds they
+train on (DATA_KINDS; register_data_kind), with the name tables the
 options are checked against. `lmforge sft --help` and a config file's check build from these alone; the
 objectives (lmforge.align.sft, dpo, ...) and the run (lmforge.train.posttrain) import them from here, and re-export
 them under their old names."""
@@ -14,7 +15,7 @@ from typing import Literal
 
 from lmforge.adapt.config import LoRAConfig
 from lmforge.config import SHORT_DTYPES, check, coerce_fields
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.train.config import LoopConfig
 
@@ -204,7 +205,8 @@ class PostDataConfig:
     batch_size: int = 8
     """rows per micro-batch (a packed row holds several examples)"""
     packing: bool = True
-    """pack several examples per row (per-document attention, positions restart); SFT only"""
+    """pack several examples per row (per-document attention, positions restart); SFT only (a data kind whose
+    DataKindSpec.packs)"""
     on_error: Literal["raise", "skip"] = "raise"
     """a malformed record stops the run with its file:line ('raise') or is counted and reported ('skip')"""
     truncation: Literal["keep_start", "keep_end"] = "keep_start"
@@ -220,11 +222,39 @@ class PostDataConfig:
 
 
 @dataclass(frozen=True)
+class DataKindSpec:
+    """A kind of post-training record (ObjectiveSpec.data): how lmforge.align.data checks and encodes one JSONL record
+    and batches the encoded items. The functions are 'module:function' paths, imported when a run reads data (so the
+    registry stays torch-free, as OBJECTIVES); register_data_kind adds one from outside lmforge."""
+    encode: str
+    """(enc, rec, where, fit) -> item: one record (a dict; `where` is its file:line) checked and encoded with the
+    run's lmforge.align.data.Encoder `enc` (enc.prompt_completion / enc.chat give (ids, mask) examples). Every
+    example goes through fit(example), which truncates it to seq_len + 1 tokens (data.truncation) and refuses one
+    with nothing left to train; a bad record raises lmforge.align.data.RecordError(reason, f"{where}: ..."), which
+    data.on_error='skip' counts under `reason`"""
+    collate: str
+    """(items, data, options) -> dict of tensors: a batch of items, for the run's PostDataConfig `data` and the
+    objective's options (its [name] section; None outside a run)"""
+    keys: tuple[str, ...]
+    """the keys every batch holds (what an objective on this kind may read); a batch without one is refused"""
+    check: str | None = None
+    """(items) -> None: a check over all the items of one file set (data.train, data.val) once read, raising
+    lmforge.errors.DataError (None: none)"""
+    packs: bool = False
+    """its items are single (ids, mask) examples, which data.packing packs several to a row of seq_len tokens
+    (lmforge.align.data.packed_batch, not `collate`, then batches the rows)"""
+
+
+DATA_KINDS: dict[str, DataKindSpec] = {}
+"""ObjectiveSpec.data: the record kinds lmforge.align.data reads, by name (register_data_kind adds one)"""
+
+
+@dataclass(frozen=True)
 class ObjectiveSpec:
     path: str
     """'module:Class' of the objective"""
     data: str
-    """record kind it trains on: sft | preference | kto (DATA_KINDS, lmforge.align.data)"""
+    """record kind it trains on: sft | preference | kto, or one given to register_data_kind (DATA_KINDS)"""
     wrap: str | None = None
     """'module:Class' wrapping the loaded model (a reward model's scalar head)"""
     config: type | None = None
@@ -243,9 +273,57 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
 }
 
 
-DATA_KINDS = ("sft", "preference", "kto")
-"""ObjectiveSpec.data: the record kinds lmforge.align.data reads (chat or prompt/completion; prompt + chosen +
-rejected; prompt + completion + label)"""
+def _check_path(owner: str, field_name: str, path: str | None, what: str, optional: bool = False) -> None:
+    """A spec's lazily imported 'module:`what`' path (`optional`: None, leaving it out, is fine too)."""
+    if optional and path is None:
+        return
+    module, _, name = path.partition(":") if isinstance(path, str) else ("", "", "")
+    if not module or not name:
+        raise ConfigError(f"{owner}: {field_name}={path!r} is not 'module:{what}' (the {what.lower()} is imported "
+                          "from the module when a run needs it)")
+
+
+def register_data_kind(name: str, spec: DataKindSpec) -> DataKindSpec:
+    """Add a record kind under `name` from outside lmforge (as register_objective adds an objective): then an
+    ObjectiveSpec(..., data=name) trains on such records through posttrain, and lmforge.align.data.build_sources
+    reads them. The built-in sft, preference and kto are registered this way. A name taken by another spec is
+    refused; registering the same spec again does nothing. Returns spec."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"a data kind registers under a Python identifier (ObjectiveSpec.data names it), got "
+                          f"{name!r}; e.g. 'ranked'")
+    if not isinstance(spec, DataKindSpec):
+        raise ConfigError(f"register_data_kind({name!r}, ...) takes a DataKindSpec, got {type(spec).__name__}; e.g. "
+                          "DataKindSpec('my_module:encode', 'my_module:collate', keys=('input_ids', 'targets'))")
+    for what in ("encode", "collate", "check"):
+        _check_path(f"data kind {name!r}", f"DataKindSpec.{what}", getattr(spec, what), "Function", what == "check")
+    if not (isinstance(spec.keys, tuple) and spec.keys and all(isinstance(k, str) and k for k in spec.keys)):
+        raise ConfigError(f"data kind {name!r}: DataKindSpec.keys={spec.keys!r} must be a non-empty tuple of the "
+                          "batch keys every batch holds, e.g. ('input_ids', 'targets', 'loss_mask')")
+    if DATA_KINDS.get(name, spec) != spec:
+        raise ConfigError(f"data kind {name!r} is already registered ({DATA_KINDS[name].encode}); choose another name")
+    DATA_KINDS[name] = spec
+    return spec
+
+
+def data_kind(name: str) -> DataKindSpec:
+    if name not in DATA_KINDS:
+        raise DataError(f"unknown data kind {name!r}; choose one of {', '.join(DATA_KINDS)}, or register it with "
+                        "lmforge.align.config.register_data_kind")
+    return DATA_KINDS[name]
+
+
+LM_KEYS = ("input_ids", "targets", "loss_mask")
+"""the batch keys of lmforge.train.objective (a preference pair's under chosen_ / rejected_)"""
+# the built-in kinds, registered as any other (their functions live beside the Encoder, in lmforge.align.data)
+register_data_kind("sft", DataKindSpec("lmforge.align.data:encode_sft", "lmforge.align.data:collate_sft",
+                                       keys=LM_KEYS, packs=True))
+register_data_kind("preference", DataKindSpec("lmforge.align.data:encode_preference",
+                                              "lmforge.align.data:collate_preference",
+                                              keys=tuple(f"{side}_{k}" for side in ("chosen", "rejected")
+                                                         for k in LM_KEYS),
+                                              check="lmforge.align.data:pair_margins"))
+register_data_kind("kto", DataKindSpec("lmforge.align.data:encode_kto", "lmforge.align.data:collate_kto",
+                                       keys=(*LM_KEYS, "label")))
 
 
 def register_objective(name: str, spec: ObjectiveSpec) -> ObjectiveSpec:
@@ -261,12 +339,9 @@ def register_objective(name: str, spec: ObjectiveSpec) -> ObjectiveSpec:
                           f"e.g. ObjectiveSpec('my_module:MyObjective', 'preference')")
     if spec.data not in DATA_KINDS:
         raise ConfigError(f"objective {name!r} trains on data kind {spec.data!r}, which lmforge.align.data does not "
-                          f"read; choose one of {', '.join(DATA_KINDS)}")
-    for what, path in (("path", spec.path), ("wrap", spec.wrap)):
-        module, _, cls = (path or "m:C").partition(":")
-        if not module or not cls:
-            raise ConfigError(f"objective {name!r}: ObjectiveSpec.{what}={path!r} is not 'module:Class' (the class "
-                              "is imported from the module when a run needs it)")
+                          f"read; choose one of {', '.join(DATA_KINDS)}, or register it first with register_data_kind")
+    for what in ("path", "wrap"):
+        _check_path(f"objective {name!r}", f"ObjectiveSpec.{what}", getattr(spec, what), "Class", what == "wrap")
     if OBJECTIVES.get(name, spec) != spec:
         raise ConfigError(f"objective {name!r} is already registered ({OBJECTIVES[name].path}); choose another name")
     OBJECTIVES[name] = spec
@@ -278,7 +353,8 @@ def resolve(path: str):
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot import {path} ({e}); is this lmforge version complete?") from e
+        raise ConfigError(f"cannot import {path} ({e}); is its module importable here (a registered one: where the "
+                          "run starts; an lmforge one: is this lmforge version complete)?") from e
 
 
 def objective_spec(name: str) -> ObjectiveSpec:

@@ -25,6 +25,11 @@ be this Encoder's encoding of the prompt (the chat template opened for the assis
 sampled under another template or tokenizer and is refused; a side without ids (a reference solution) is
 encoded from its text.
 
+Each record kind is an entry of lmforge.align.config.DATA_KINDS (a DataKindSpec: how a record is checked and
+encoded, how items are batched, the keys every batch holds): the three above are registered there as any other,
+with their functions encode_* / collate_* below, and register_data_kind adds one from outside lmforge (a ranked
+list for a ranking loss, ...) that build_sources reads on the same path.
+
 Bad records raise a one-line DataError naming file:line and field (on_error="raise"), or with
 on_error="skip" are counted per reason in a DataReport that the caller prints and saves: never dropped
 silently. Examples longer than seq_len + 1 tokens are truncated, and counted.
@@ -44,7 +49,7 @@ from typing import Any, Callable
 
 import torch
 
-from lmforge.align.config import PostDataConfig
+from lmforge.align.config import PostDataConfig, data_kind, resolve
 from lmforge.errors import DataError, LmforgeError
 from lmforge.infer.chat_template import MARKER, ChatTemplate, get_template
 from lmforge.model.meta import packed_positions
@@ -245,53 +250,58 @@ def _truncate(ex: Example, max_tokens: int, cut: list[bool], where: str, keep_en
 
 def encode_record(enc: Encoder, rec: dict, kind: str, where: str, max_tokens: int, report: DataReport,
                   truncation: str = "keep_start"):
-    """One record -> an SFT example, a (chosen, rejected) pair ((chosen, rejected, margin) when the record has a
-    'margin'), or (example, label) for KTO; a record truncated (either side of a pair) counts once in
-    report.truncated."""
+    """One record -> the item of its data kind (DATA_KINDS[kind].encode): an SFT example, a (chosen, rejected) pair
+    ((chosen, rejected, margin) when the record has a 'margin'), (example, label) for KTO; a record truncated (any
+    example of it) counts once in report.truncated."""
     cut: list[bool] = []
     keep_end = truncation == "keep_end"
-    item = _encode(enc, rec, kind, where, lambda ex: _truncate(ex, max_tokens, cut, where, keep_end))
+    item = resolve(data_kind(kind).encode)(enc, rec, where, lambda ex: _truncate(ex, max_tokens, cut, where, keep_end))
     report.truncated += bool(cut)
     return item
 
 
-def _encode(enc: Encoder, rec: dict, kind: str, where: str, fit):
+def encode_sft(enc: Encoder, rec: dict, where: str, fit) -> Example:
+    """Data kind 'sft': a chat record or a prompt/completion record -> one example."""
+    if "messages" in rec:
+        return fit(enc.chat(rec["messages"], where))
+    if "prompt" in rec and "completion" in rec:
+        return fit(enc.prompt_completion(rec["prompt"], rec["completion"], where, ids=sampled_ids(rec, "completion")))
+    raise RecordError("unknown_format", f"{where}: expected field 'messages' (chat) or 'prompt' + "
+                                        f"'completion'; got {sorted(rec)}")
 
-    if kind == "sft":
-        if "messages" in rec:
-            return fit(enc.chat(rec["messages"], where))
-        if "prompt" in rec and "completion" in rec:
-            return fit(enc.prompt_completion(rec["prompt"], rec["completion"], where,
-                                             ids=sampled_ids(rec, "completion")))
-        raise RecordError("unknown_format", f"{where}: expected field 'messages' (chat) or 'prompt' + "
-                                            f"'completion'; got {sorted(rec)}")
-    if kind == "preference":
-        for f in ("prompt", "chosen", "rejected"):
-            if f not in rec:
-                raise RecordError(f"missing_{f}",
-                                  f"{where}: preference record lacks field {f!r} (needs prompt, chosen, rejected)")
-        if rec["chosen"] == rec["rejected"]:
-            raise RecordError("chosen_equals_rejected", f"{where}: fields 'chosen' and 'rejected' are identical, so "
-                              "the pair teaches nothing; remove the record")
-        margin = rec.get("margin")
-        if "margin" in rec and (isinstance(margin, bool) or not isinstance(margin, (int, float))
-                                or not math.isfinite(margin)):
-            raise RecordError("bad_margin", f"{where}: field 'margin' must be a finite number, got {margin!r}")
-        pair = tuple(fit(enc.prompt_completion(rec["prompt"], rec[side], where, side, sampled_ids(rec, side)))
-                     for side in ("chosen", "rejected"))
-        return pair + (float(margin),) if "margin" in rec else pair
-    if kind == "kto":
-        if not isinstance(rec.get("label"), bool):
-            raise RecordError("bad_label", f"{where}: field 'label' must be true (desirable) or false (undesirable), "
-                            f"got {rec.get('label')!r}")
-        return fit(enc.prompt_completion(rec.get("prompt"), rec.get("completion"), where,
-                                         ids=sampled_ids(rec, "completion"))), rec["label"]
-    raise DataError(f"unknown data kind {kind!r}; choose sft, preference or kto")
+
+def encode_preference(enc: Encoder, rec: dict, where: str, fit) -> tuple:
+    """Data kind 'preference': prompt + chosen + rejected [+ margin] -> (chosen, rejected[, margin])."""
+    for f in ("prompt", "chosen", "rejected"):
+        if f not in rec:
+            raise RecordError(f"missing_{f}",
+                              f"{where}: preference record lacks field {f!r} (needs prompt, chosen, rejected)")
+    if rec["chosen"] == rec["rejected"]:
+        raise RecordError("chosen_equals_rejected", f"{where}: fields 'chosen' and 'rejected' are identical, so "
+                          "the pair teaches nothing; remove the record")
+    margin = rec.get("margin")
+    if "margin" in rec and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                            or not math.isfinite(margin)):
+        raise RecordError("bad_margin", f"{where}: field 'margin' must be a finite number, got {margin!r}")
+    pair = tuple(fit(enc.prompt_completion(rec["prompt"], rec[side], where, side, sampled_ids(rec, side)))
+                 for side in ("chosen", "rejected"))
+    return pair + (float(margin),) if "margin" in rec else pair
+
+
+def encode_kto(enc: Encoder, rec: dict, where: str, fit) -> tuple[Example, bool]:
+    """Data kind 'kto': prompt + completion + label -> (example, label)."""
+    if not isinstance(rec.get("label"), bool):
+        raise RecordError("bad_label", f"{where}: field 'label' must be true (desirable) or false (undesirable), "
+                        f"got {rec.get('label')!r}")
+    return fit(enc.prompt_completion(rec.get("prompt"), rec.get("completion"), where,
+                                     ids=sampled_ids(rec, "completion"))), rec["label"]
 
 
 def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, on_error: str,
                  truncation: str = "keep_start") -> tuple[list, DataReport]:
-    """All usable items of `files` (see encode_record) and the report of what was read."""
+    """All usable items of `files` (see encode_record), checked together (DataKindSpec.check), and the report of
+    what was read."""
+    spec = data_kind(kind)  # (an unknown kind: before any file is read)
     report = DataReport()
     items = []
     for path in files:
@@ -306,8 +316,8 @@ def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, 
                 report.reject(e.reason, where)
     if not items:
         raise DataError(f"no usable {kind} records in {list(files)}: {report.summary()}")
-    if kind == "preference":
-        pair_margins(items)  # a file set mixing pairs with and without a margin fails here, not mid-run
+    if spec.check is not None:  # e.g. a file set mixing pairs with and without a margin fails here, not mid-run
+        resolve(spec.check)(items)
     return items, report
 
 
@@ -407,6 +417,24 @@ def kto_batch(items: list[tuple[Example, bool]], kl: bool = True, max_tokens: in
     batch = pad_batch([e for e, _ in items])
     kl_rows = mismatched_rows(batch, max_tokens, keep_end) if kl else {}
     return {**batch, **kl_rows, "label": torch.tensor([lab for _, lab in items])}
+
+
+def collate_sft(examples: list[Example], data: PostDataConfig, options: Any = None) -> dict[str, torch.Tensor]:
+    """Data kind 'sft' unpacked (data.packing = false): one example per row (pad_batch)."""
+    return pad_batch(examples)
+
+
+def collate_preference(pairs: list[tuple], data: PostDataConfig, options: Any = None) -> dict[str, torch.Tensor]:
+    """Data kind 'preference': pair_batch."""
+    return pair_batch(pairs)
+
+
+def collate_kto(items: list[tuple[Example, bool]], data: PostDataConfig, options: Any = None
+                ) -> dict[str, torch.Tensor]:
+    """Data kind 'kto': kto_batch, with the mismatched rows unless the objective's options say kl = False
+    (KTOConfig(kl=False) does not read them), truncated as the examples are."""
+    return kto_batch(items, kl=getattr(options, "kl", True), max_tokens=data.seq_len + 1,
+                     keep_end=data.truncation == "keep_end")
 
 
 def _feed(h, x) -> None:
@@ -529,12 +557,34 @@ def hold_out(items: list, fraction: float) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in picked], [items[i] for i in sorted(picked)]
 
 
-def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, kl_rows: bool = True
+def kind_collate(kind: str, data: PostDataConfig, options: Any = None) -> Callable[[list], dict[str, torch.Tensor]]:
+    """The batches of data kind `kind`: its DataKindSpec.collate (packed_batch over rows when it packs and
+    data.packing is on), each batch checked to hold the spec's keys."""
+    spec = data_kind(kind)
+    if spec.packs and data.packing:
+        collate = partial(packed_batch, seq_len=data.seq_len)
+    else:
+        collate = partial(resolve(spec.collate), data=data, options=options)
+
+    def checked(units: list) -> dict[str, torch.Tensor]:
+        batch = collate(units)
+        missing = [k for k in spec.keys if k not in batch]
+        if missing:
+            raise DataError(f"data kind {kind!r}: {spec.collate} gave a batch without {missing}, which its "
+                            f"DataKindSpec.keys promise; return them from the collate or drop them from keys")
+        return batch
+
+    return checked
+
+
+def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, options: Any = None
                   ) -> tuple[ExampleSource, ExampleSource | None, DataReport]:
-    """Training and validation sources for `kind` ('sft', 'preference', 'kto') from cfg's files; kl_rows:
-    KTO batches carry their mismatched rows (off for KTOConfig(kl=False), which does not read them)."""
+    """Training and validation sources for data kind `kind` (DATA_KINDS: 'sft', 'preference', 'kto' or a registered
+    one) from cfg's files; options: the objective's own (its [name] section), given to the kind's collate (KTO
+    batches carry their mismatched rows unless KTOConfig(kl=False), which does not read them)."""
     if not cfg.train:
         raise DataError("no training data: set data.train to one or more JSONL files")
+    spec = data_kind(kind)
     enc = Encoder(tokenizer, cfg.template, cfg.loss_on)
     items, report = load_records(cfg.train, enc, kind, cfg.seq_len, cfg.on_error, cfg.truncation)
     if cfg.val:
@@ -542,12 +592,8 @@ def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, kl_rows:
     else:
         items, val = hold_out(items, cfg.val_fraction)
         report.held_out = len(val)
-    pack = cfg.seq_len if kind == "sft" and cfg.packing else None
-    if kind == "sft":
-        collate = (lambda rows: packed_batch(rows, cfg.seq_len)) if pack else pad_batch
-    else:
-        collate = pair_batch if kind == "preference" else partial(
-            kto_batch, kl=kl_rows, max_tokens=cfg.seq_len + 1, keep_end=cfg.truncation == "keep_end")
+    pack = cfg.seq_len if spec.packs and cfg.packing else None
+    collate = kind_collate(kind, cfg, options)
     train = ExampleSource(items, cfg.batch_size, collate, seed=seed, pack_len=pack)
     valid = ExampleSource(val, cfg.batch_size, collate, seed=seed + 1, pack_len=pack) if val else None
     return train, valid, report

@@ -13,7 +13,10 @@ Objectives resolve by name through OBJECTIVES (lmforge.align.config, with PostTr
 torch), lazily imported "module:Class" paths, so an objective plugs in by adding one line, or from outside lmforge
 with register_objective(name, ObjectiveSpec("my_module:MyObjective", "preference")). An objective class is
 built as Class(Class.Config(...)) plus, when its constructor takes them, reference=/reference_path= (DPO, KTO: a
-frozen copy of `reference`, by default the init model) or teacher=/teacher_path= (distillation).
+frozen copy of `reference`, by default the init model) or teacher=/teacher_path= (distillation). The records an
+objective trains on are a data kind of DATA_KINDS (ObjectiveSpec.data: sft, preference, kto, or one added with
+register_data_kind(name, DataKindSpec("my_module:encode", "my_module:collate", keys=(...)))), read by
+lmforge.align.data.build_sources.
 
 A [lora] section (LoRAConfig) puts fresh adapters on the policy after loading it, and only they train
 (plus LoRAConfig.trainable modules). The reference then defaults to the policy with its adapters disabled
@@ -236,8 +239,8 @@ def posttrain(cfg: PostTrainConfig):
     refs = "reference" in inspect.signature(resolve(spec.path)).parameters
     # before the data: a LoRA target matching no layer stops the run at once
     model = start_model(model, cfg.lora, own_reference=refs and not cfg.reference)
-    kto = getattr(cfg, "kto", None)  # KTOConfig(kl=False) reads no mismatched rows: the data builds none
-    train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed, kl_rows=getattr(kto, "kl", True))
+    # the objective's options reach its data kind's batches (KTOConfig(kl=False) reads no mismatched rows: none built)
+    train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed, getattr(cfg, cfg.objective, None))
     run_dir = Path(cfg.run_dir)
     rank0 = rank_and_world()[0] == 0
     if rank0:

@@ -18,9 +18,10 @@ from torch import nn
 
 import lmforge as lf
 from lmforge.adapt.lora import matches, outer_layers
+from lmforge.align.data import RecordError, pad_batch
 from lmforge.align.dpo import PAIR
 from lmforge.align.logprobs import ModelAux, batch_logps, masked_mean
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.infer.async_engine import AsyncEngine
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.kv.policy import KVPolicy
@@ -319,6 +320,104 @@ def _train_slic(tmp_path, model, tok) -> None:
     assert result.final_eval["val_hinge"] < 0.1 and result.final_eval["val_margin"] > 2.0  # they clear delta now
     assert result.final_eval["val_loss"] < 0.5 * evals[0]["val_loss"]
     assert json.loads((result.checkpoint / "config.json").read_text())["objective"] == "slic"
+
+
+# c') a new record kind, registered from outside lmforge, and an objective that trains on it -----------------------
+
+def encode_ranked(enc, rec: dict, where: str, fit) -> tuple:
+    """Data kind 'ranked': {"prompt": ..., "completions": [best, ..., worst]} -> one example per completion,
+    best first (the run's Encoder renders each as a prompt/completion record; fit truncates each)."""
+    completions = rec.get("completions")
+    if not (isinstance(completions, list) and len(completions) >= 2 and len(set(map(str, completions))) == len(
+            completions)):
+        raise RecordError("bad_completions", f"{where}: field 'completions' must list at least 2 different "
+                                             "completions, best first")
+    return tuple(fit(enc.prompt_completion(rec.get("prompt"), c, where, "completions")) for c in completions)
+
+
+def check_ranked(items: list[tuple]) -> None:
+    sizes = sorted({len(item) for item in items})
+    if len(sizes) > 1:
+        raise DataError(f"ranked records list {sizes} completions; give every record the same number")
+
+
+def collate_ranked(items: list[tuple], data, options) -> dict[str, torch.Tensor]:
+    """(B, K, T) input_ids / targets / loss_mask: record b's completions best first along K, so a data-parallel
+    run's rows (records) keep their lists whole."""
+    flat = pad_batch([ex for item in items for ex in item])  # (B*K, T)
+    return {k: v.unflatten(0, (len(items), -1)) for k, v in flat.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListMLEConfig:
+    scale: float = 1.0
+    """the Plackett-Luce scores are scale * log pi(y_k | x)"""
+
+
+class ListMLEObjective(Stateless):
+    """ListMLE (Xia et al. 2008, "Listwise Approach to Learning to Rank", Eq. 8): the negative log-likelihood of the
+    given order y_1 > ... > y_K under the Plackett-Luce model of scores s_k = scale * log pi(y_k | x) (summed over
+    the completion's tokens):
+
+        loss = mean_b sum_k [ logsumexp_{j >= k} s_j - s_k ]
+
+    on 'ranked' batches ((B, K, T) keys). `ordered`: the share of lists whose scores already fall strictly."""
+
+    Config = ListMLEConfig
+
+    def __init__(self, cfg: ListMLEConfig | None = None):
+        self.cfg = cfg or ListMLEConfig()
+
+    def loss(self, model, batch):
+        B, K, _ = batch["input_ids"].shape
+        aux = ModelAux(model)
+        (lp,), _, _ = batch_logps(model, {k: batch[k].flatten(0, 1) for k in ("input_ids", "targets", "loss_mask")},
+                                  aux=aux)
+        s = self.cfg.scale * lp.view(B, K)
+        tails = s.flip(1).logcumsumexp(1).flip(1)  # (B, K): logsumexp over s_k .. s_K
+        loss = (tails - s).sum(1).mean()
+        ordered = (s[:, :-1] > s[:, 1:]).all(1).float().mean()
+        return aux.add(loss, {"ordered": ordered.detach()})
+
+
+def test_a_registered_data_kind_trains_a_registered_objective_through_the_post_training_run(tmp_path, model, tok):
+    from lmforge.align.config import (DATA_KINDS, LM_KEYS, OBJECTIVES, DataKindSpec, ObjectiveSpec,
+                                      register_data_kind, register_objective)
+
+    register_data_kind("ranked", DataKindSpec(f"{__name__}:encode_ranked", f"{__name__}:collate_ranked",
+                                              keys=LM_KEYS, check=f"{__name__}:check_ranked"))
+    register_objective("listmle", ObjectiveSpec(f"{__name__}:ListMLEObjective", "ranked"))
+    try:
+        train_listmle(tmp_path, model, tok)
+    finally:
+        OBJECTIVES.pop("listmle")
+        DATA_KINDS.pop("ranked")
+
+
+def train_listmle(tmp_path, model, tok) -> None:
+    from lmforge.align.config import config_class
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.train.posttrain import posttrain
+
+    init = save_checkpoint(tmp_path / "base", 0, model, tokenizer=tok)
+    # the base model learned "the cat sat on the mat." and "the dog ... log.": each list ranks its learned ending last
+    lists = [{"prompt": f"the {a} sat on the", "completions": [" rug.", f" {b}.", f" {c}."]}
+             for a, b, c in [("cat", "log", "mat"), ("dog", "mat", "log")] * 8]
+    lines = [json.dumps(r) + "\n" for r in lists] + ['{"prompt": "the cat", "completions": [" sat"]}\n']
+    (tmp_path / "ranked.jsonl").write_text("".join(lines))
+    cfg = config_class("listmle")(init=str(init), run_dir=str(tmp_path / "run"), max_steps=16, log_every=1,
+                                  eval_every=16, ckpt_every=16, progress=False, plot=False,
+                                  optim=lf.OptimConfig(lr=1e-2, warmup_steps=0), listmle={"scale": 2.0},
+                                  data={"train": [str(tmp_path / "ranked.jsonl")], "template": "plain",
+                                        "seq_len": 32, "batch_size": 8, "val_fraction": 0.25, "on_error": "skip"})
+    assert cfg.listmle == ListMLEConfig(scale=2.0)
+    result = posttrain(cfg)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["used"] == 16 and report["held_out"] == 4 and report["rejected"] == {"bad_completions": 1}
+    evals = [r for r in result.history if "val_loss" in r]  # before the first step and after the last
+    assert evals[0]["step"] == 0 and evals[0]["val_ordered"] == 0.0 and evals[0]["val_loss"] > 10.0
+    assert result.final_eval["val_ordered"] == 1.0 and result.final_eval["val_loss"] < 0.5
+    assert json.loads((result.checkpoint / "config.json").read_text())["objective"] == "listmle"
 
 
 # d) a new KV policy on the engine --------------------------------------------------------------------------------

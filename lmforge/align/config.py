@@ -334,6 +334,9 @@ def register_objective(name: str, spec: ObjectiveSpec) -> ObjectiveSpec:
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"an objective registers under a Python identifier (it names the [{name}] section of its "
                           f"options and the config's field), got {name!r}; e.g. 'slic' or 'my_loss'")
+    if name in {f.name for f in dataclasses.fields(PostTrainConfig)}:  # (config_class adds a field `name`)
+        raise ConfigError(f"an objective cannot register as {name!r}: the run's config has a field of that name "
+                          f"(its [{name}] section would be the objective's options); choose another name")
     if not isinstance(spec, ObjectiveSpec):
         raise ConfigError(f"register_objective({name!r}, ...) takes an ObjectiveSpec, got {type(spec).__name__}; "
                           f"e.g. ObjectiveSpec('my_module:MyObjective', 'preference')")

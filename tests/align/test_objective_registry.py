@@ -42,11 +42,13 @@ def test_a_registered_objective_builds_its_run_config_and_is_found_by_name():
     ("toy_bad", C.ObjectiveSpec(f"{__name__}:ToyObjective", "pairs"), "data kind 'pairs'"),
     ("toy_bad", C.ObjectiveSpec(f"{__name__}.ToyObjective", "sft"), "'module:Class'"),
     ("toy_bad", f"{__name__}:ToyObjective", "an ObjectiveSpec"),
+    ("data", C.ObjectiveSpec(f"{__name__}:ToyObjective", "sft"), "the run's config has a field of that name"),
+    ("lora", C.ObjectiveSpec(f"{__name__}:ToyObjective", "sft"), "cannot register as 'lora'"),
 ])
 def test_bad_registrations_are_refused_in_one_line_naming_the_fix(name, spec, message):
     with pytest.raises(ConfigError, match=message) as e:
         C.register_objective(name, spec)
-    assert "\n" not in str(e.value) and "toy_bad" not in C.OBJECTIVES
+    assert "\n" not in str(e.value) and "toy_bad" not in C.OBJECTIVES and not {"data", "lora"} & set(C.OBJECTIVES)
     assert C.OBJECTIVES["dpo"].path == "lmforge.align.dpo:DPOObjective"
 
 

@@ -158,7 +158,7 @@ def _state_for_save(model: torch.nn.Module, leave_out: set[str] = frozenset()) -
             cls = f"{type(t).__module__}.{type(t).__qualname__}"
             raise ConfigError(f"{name} is a {cls}, a tensor subclass a checkpoint cannot store (it holds plain "
                               "tensors); keep such layers' state as plain tensors (codes, scales) and register "
-                              "the layer (lmforge.adapt.qlora.register_base_layer), or save the model before "
+                              "the layer (lmforge.model.surgery.register_base_layer), or save the model before "
                               "converting it")
         key = t.data_ptr()
         if key in seen and t.numel() > 0:
@@ -293,7 +293,7 @@ def _refuse_unbuilt(inner, prefix: str, left: set[str], base: dict) -> None:
     there = type(built.get_submodule(module)).__name__ if module in dict(built.named_modules()) else "nothing"
     raise ConfigError(f"adapter-only checkpoint: {module} (a {cls}) holds the frozen {foreign[0]}, which the base "
                       f"{base.get('path')} does not give back (its model builds {there} there); if it replaced the "
-                      "base's module, register its class (lmforge.adapt.qlora.register_base_layer) so the checkpoint "
+                      "base's module, register its class (lmforge.model.surgery.register_base_layer) so the checkpoint "
                       "records and saves it, else save the whole model (save_checkpoint without base=) and "
                       "load_weights it onto the model you build")
 

@@ -16,7 +16,7 @@ _LAZY = {
     "DoRALinear": "lmforge.adapt.dora", "LoRAConfig": "lmforge.adapt.config", "LoRALinear": "lmforge.adapt.lora",
     "ParamCount": "lmforge.adapt.lora", "adapters_disabled": "lmforge.adapt.lora", "apply_lora": "lmforge.adapt.lora",
     "load_lora": "lmforge.adapt.lora", "lora_state_dict": "lmforge.adapt.lora", "merge_lora": "lmforge.adapt.lora",
-    "register_base_layer": "lmforge.adapt.qlora", "trainable_parameters": "lmforge.adapt.lora",
+    "register_base_layer": "lmforge.model.surgery", "trainable_parameters": "lmforge.adapt.lora",
 }
 __all__ = sorted(_LAZY)
 

@@ -27,7 +27,9 @@ Targets are module-name patterns (fnmatch): a pattern matches a module whose dot
 whose name ends with "." + pattern, as PEFT's target_modules list. lmforge's Transformer names its Linears
 attn.wq / wk / wv / wo, mlp.gate / up / down and lm_head (HF checkpoints load into the same names). A model
 built with fused_proj=true has attn.wqkv and mlp.gate_up instead; LoRA on those adapts the stacked
-projection with one A, a different (smaller) adapter than one per part.
+projection with one A, a different (smaller) adapter than one per part. Choosing the layers and swapping them
+in are the model's neutral seams, which quantizers share (lmforge.model.surgery: matches, outer_layers,
+replace_module).
 
 LoRALinear keeps the base layer's `weight` and `bias` under their own names, so a LoRA model's state_dict
 is the base model's plus `*.lora_A` / `*.lora_B`: the layer's `adapter_params`, which a subclass with an adapter
@@ -46,8 +48,8 @@ submodule `base` and calls it (its state_dict keys gain `base.`: `wq.base.qweigh
 named_buffers agree, so adapter-only checkpoints still leave its frozen parameters and buffers, the quantized codes,
 out), and the update cannot be merged into it (merge_lora refuses; remove_lora puts it back). A quantized layer's
 own parts (an LLM.int8-style outlier nn.Linear inside it) are never targets: the layer is adapted whole
-(outer_layers). Checkpoints record the quantized layers by a registered kind (lmforge.adapt.qlora), so load_model
-rebuilds them under the adapters.
+(outer_layers). Checkpoints record the quantized layers by a registered kind (register_base_layer in
+lmforge.model.surgery; lmforge.adapt.qlora records them), so load_model rebuilds them under the adapters.
 
 DoRA (LoRAConfig(dora=True); lmforge.adapt.dora.DoRALinear) is a LoRALinear with a trained magnitude; each layer's
 `kind` is what a checkpoint records (lora_record), so load_model builds the same layer class back; a subclass
@@ -60,7 +62,6 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
@@ -69,14 +70,14 @@ from torch import nn
 from lmforge.adapt.config import LoRAConfig
 from lmforge.errors import ConfigError
 from lmforge.model.layers.fused import bare_tensor, plain_linear
+from lmforge.model.surgery import matches, module_at, outer_layers, replace_module  # (the neutral seams: re-exported)
+from lmforge.model.transformer import linear_shape
 
 
 def linear_like(module: nn.Module) -> bool:
     """A layer LoRA can adapt: an nn.Linear, or a layer with integer in_features and out_features whose forward
     maps (..., in) -> (..., out) - a quantized Linear (QLoRA's frozen 4-bit base), an nn.Linear subclass."""
-    return isinstance(module, nn.Linear) or (
-        not isinstance(module, LoRALinear) and isinstance(getattr(module, "in_features", None), int)
-        and isinstance(getattr(module, "out_features", None), int))
+    return linear_shape(module) is not None and not isinstance(module, LoRALinear)
 
 
 class LoRALinear(nn.Module):
@@ -145,10 +146,6 @@ def adapter_names(model: nn.Module) -> set[str]:
             if isinstance(m, LoRALinear) for p in m.adapter_params}
 
 
-def matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatchcase(name, p) or fnmatchcase(name, "*." + p) for p in patterns)
-
-
 def _matching(model: nn.Module, names: list[str], patterns: tuple[str, ...], what: str, kind: str, hint: str
               ) -> list[str]:
     """The names matching any pattern; refuses a pattern that matches none of them."""
@@ -183,21 +180,6 @@ def _refuse_rank(model: nn.Module, targets: list[str], r: int) -> None:
                           f"stops: give r <= {widest}")
 
 
-def outer_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The linear-like and LoRA layers of `model` by name, less those inside another one: a quantized layer's
-    own parts (LLM.int8's outlier nn.Linear, an inner quantized Linear) belong to its forward, which LoRA calls
-    whole; an adapter on one of them would adapt a piece of the layer, and a wrap of both the layer and its
-    part would break the layer's forward (it reads its part's attributes)."""
-    out, inside = {}, None
-    for name, m in model.named_modules():  # depth-first: a layer's submodules come right after it
-        if not name or (inside is not None and name.startswith(inside)):
-            continue
-        inside = None
-        if isinstance(m, LoRALinear) or linear_like(m):
-            out[name], inside = m, name + "."
-    return out
-
-
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """In place: every nn.Linear (or other linear_like layer: a quantized Linear, for QLoRA) matching
     cfg.targets becomes a LoRALinear (not the parts inside a quantized layer: outer_layers); every other
@@ -228,8 +210,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     for name in kept:
         model.get_submodule(name).requires_grad_(True)
     for name, wrapped in built.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, wrapped)
+        replace_module(model, name, wrapped)
     return model
 
 
@@ -269,13 +250,11 @@ def restore_lora(model: nn.Module, layers: dict[str, list]) -> nn.Module:
             raise ConfigError(f"the checkpoint's LoRA layer {name} is a {kind[0]}, an adapter layer lmforge does not "
                               f"build (it builds {', '.join(kinds)}); build the model yourself (apply that layer) "
                               "and load_weights(model, path)")
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        base = getattr(owner, child, None)
+        base = module_at(model, name)
         if base is None or not linear_like(base):
             raise ConfigError(f"the checkpoint has a LoRA adapter on {name}, which is not a Linear layer of "
                               f"{type(model).__name__}")
-        setattr(owner, child, layer(base, int(r), float(scale)))
+        replace_module(model, name, layer(base, int(r), float(scale)))
     return model
 
 
@@ -323,7 +302,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
                           "unmerged, save the adapters alone (lora_state_dict), or merge onto a full-precision copy")
     for name, lora in layers.items():
         lora.weight.add_(lora.delta_weight())  # the fp32 delta added in place: W + scale·BA rounded once
-        _unwrap(model, name, lora)
+        replace_module(model, name, lora.unwrapped())
     return model
 
 
@@ -344,13 +323,8 @@ def remove_lora(model: nn.Module) -> dict[str, LoRALinear]:
     `lmforge export --adapter` writes apart from the base)."""
     layers = lora_layers(model)
     for name, lora in layers.items():
-        _unwrap(model, name, lora)
+        replace_module(model, name, lora.unwrapped())
     return layers
-
-
-def _unwrap(model: nn.Module, name: str, lora: LoRALinear) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, lora.unwrapped())
 
 
 SCALE = ".lora_scale"

@@ -207,7 +207,7 @@ def _peft_files(layers: dict, modules: dict[str, str], kept: dict[str, dict], lo
 
 def _kept(model, patterns: tuple[str, ...]):
     """(name, module) of each outermost module whose name [lora] trainable's patterns match."""
-    from lmforge.adapt.lora import matches
+    from lmforge.model.surgery import matches
 
     chosen: list[str] = []
     for name, module in model.named_modules():

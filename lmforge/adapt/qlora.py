@@ -13,17 +13,18 @@ Transformer is built on the meta device, each recorded module becomes an empty s
 (base_shell), the rest is allocated, and the saved tensors (codes, scales) are loaded into it. The record
 names the module where the Transformer has it (`blocks.0.attn.wq`, also when a LoRA layer wraps it).
 
-Kinds are registered by name (register_base_layer), so config.json stays plain strings and nothing is imported by a
-name read from a file. A registered class has, where it takes settings, a `settings` dict (JSON values) that gives
-them back, and builds its shell with the classmethod `empty(**settings, dtype=, device=)` (tensors allocated,
-uninitialised: the checkpoint fills them; non-persistent buffers such as a code book computed; `dtype` the model's
-float compute dtype, which the class may keep its scales above; dtype= and device= are passed where its signature
-takes them). A layer that replaces an nn.Linear is called as `empty(in_features, out_features, bias, **settings,
-dtype=, device=)` (the Linear's shape, bias a bool), and may instead have only `from_linear(linear: nn.Linear,
-**settings)`: load_model then calls it on an nn.Linear on the meta device, whose tensors are then allocated empty -
-which works for a layer whose from_linear is plain tensor arithmetic and which has no non-persistent buffers;
-otherwise load_model refuses the layer, naming `empty` as the fix. A module of a class not registered when the
-checkpoint was written is recorded by its class's path, warned about at save and refused at load, naming the fix.
+Kinds are registered by name (lmforge.model.surgery.register_base_layer: the registry is the model's, for any
+replaced layer, adapted or not), so config.json stays plain strings and nothing is imported by a name read from a
+file. A registered class has, where it takes settings, a `settings` dict (JSON values) that gives them back, and
+builds its shell with the classmethod `empty(**settings, dtype=, device=)` (tensors allocated, uninitialised: the
+checkpoint fills them; non-persistent buffers such as a code book computed; `dtype` the model's float compute dtype,
+which the class may keep its scales above; dtype= and device= are passed where its signature takes them). A layer
+that replaces an nn.Linear is called as `empty(in_features, out_features, bias, **settings, dtype=, device=)` (the
+Linear's shape, bias a bool), and may instead have only `from_linear(linear: nn.Linear, **settings)`: load_model
+then calls it on an nn.Linear on the meta device, whose tensors are then allocated empty - which works for a layer
+whose from_linear is plain tensor arithmetic and which has no non-persistent buffers; otherwise load_model refuses
+the layer, naming `empty` as the fix. A module of a class not registered when the checkpoint was written is recorded
+by its class's path, warned about at save and refused at load, naming the fix.
 """
 
 from __future__ import annotations
@@ -37,23 +38,8 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, warn_caller
-
-BASE_LAYERS: dict[str, type] = {}
-"""kind -> the base layer class checkpoints name by it (register_base_layer)"""
-
-REGISTER = "lmforge.adapt.qlora.register_base_layer(KIND, cls)"
-
-
-def register_base_layer(kind: str, cls: type) -> type:
-    """Let checkpoints record modules of `cls` as `kind` and load_model rebuild them. Returns cls."""
-    if not callable(getattr(cls, "empty", None)) and not callable(getattr(cls, "from_linear", None)):
-        raise ConfigError(f"{cls.__qualname__} has neither empty(**settings, dtype=, device=) nor "
-                          "from_linear(linear, **settings): load_model builds a base layer with one of them; add a "
-                          "classmethod empty (lmforge.adapt.qlora)")
-    if BASE_LAYERS.get(kind, cls) is not cls:
-        raise ConfigError(f"base layer kind {kind!r} is already {BASE_LAYERS[kind].__qualname__}; choose another name")
-    BASE_LAYERS[kind] = cls
-    return cls
+from lmforge.model.surgery import BASE_LAYERS, REGISTER, module_at, replace_module
+from lmforge.model.surgery import register_base_layer  # noqa: F401  (re-exported: the registry is the model's)
 
 
 def _path(cls: type) -> str:
@@ -229,17 +215,16 @@ def restore_base_layers(model: nn.Module, record: dict[str, dict], where: str, *
             raise ConfigError(f"{where}: base layer {name} is {entry.get('class')}, a kind load_model cannot rebuild "
                               f"(registered: {sorted(BASE_LAYERS) or 'none'}); register its class before saving "
                               f"({REGISTER}), or build the model yourself and load_weights(model, path)")
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        layer = getattr(owner, child, None)
+        layer = module_at(model, name)
         inner = layer.base if isinstance(layer, LoRALinear) else layer
         if type(inner) is cls:
             continue
         if layer is None or isinstance(layer, (LoRALinear, *kinds)):
             raise ConfigError(f"{where}: base layer {name} was a {entry['kind']} layer, but the model it loads onto "
-                              f"has a {type(inner).__name__} there; give the base it was trained on")
+                              f"has {f'a {type(inner).__name__}' if layer is not None else 'no module'} there; give "
+                              "the base it was trained on")
         shell = base_shell(cls, layer, entry.get("settings", {}), f"{where}: base layer {name}", dtype, device)
-        setattr(owner, child, shell)
+        replace_module(model, name, shell)
 
 
 def _call(fn, args: tuple, kwargs: dict, optional: dict):

@@ -59,7 +59,7 @@ def attention_cache_spec(cfg: ModelConfig, i: int) -> LayerCacheSpec:
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a layer that maps (..., in) -> (..., out) through one in x out weight: an nn.Linear, or a
     layer standing for one that says so with integer in_features and out_features (a quantized Linear, a LoRA
-    layer over its base: lmforge.adapt.lora.linear_like's test); None for any other module."""
+    layer over its base: the layers lmforge.model.surgery.outer_layers lists); None for any other module."""
     i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
     return (i, o) if isinstance(i, int) and isinstance(o, int) and not isinstance(i, bool) else None
 

@@ -14,6 +14,7 @@ from lmforge.adapt.dora import DoRALinear
 from lmforge.adapt.lora import LoRAConfig, LoRALinear, adapters_disabled, apply_lora, lora_layers, merge_lora
 from lmforge.adapt.qlora import BASE_LAYERS
 from lmforge.errors import ConfigError
+from lmforge.model.surgery import replace_module
 
 from ..align.helpers import tiny_model
 from .test_lora import Int8Linear, quantized
@@ -52,8 +53,7 @@ def trained(model: nn.Module, seed: int = 0) -> nn.Module:
 def quantize(model: nn.Module, cls=RegisteredInt8) -> nn.Module:
     for name, m in list(model.named_modules()):
         if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in QUANTIZED:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, cls(m))
+            replace_module(model, name, cls(m))
     return model
 
 
@@ -173,7 +173,7 @@ def test_a_kind_not_registered_in_the_loading_process_names_registering_it_there
     msg = str(e.value)
     assert msg == (f"{path}: base layer blocks.0.attn.wq is a 'test-int8' layer, a kind not registered in this process "
                    f"(registered: {sorted(BASE_LAYERS) or 'none'}); register it before loading: "
-                   "lmforge.adapt.qlora.register_base_layer('test-int8', cls) (the lmforge command imports no class "
+                   "lmforge.model.surgery.register_base_layer('test-int8', cls) (the lmforge command imports no class "
                    "of yours: register it in Python, then call lmforge.cli.main([...]) there), or build the model "
                    "yourself and load_weights(model, path)")
     assert main(["sample", "--checkpoint", str(path), "--max-tokens", "1"]) == 2

@@ -14,6 +14,7 @@ from lmforge.adapt import (LoRAConfig, LoRALinear, apply_lora, load_lora, lora_s
 from lmforge.adapt.lora import adapters_disabled, lora_layers
 from lmforge.align.reward import ClassificationObjective, SequenceHead
 from lmforge.errors import ConfigError
+from lmforge.model.surgery import replace_module
 from lmforge.optim import build_optimizer
 from lmforge.optim.config import OptimConfig
 from lmforge.train.config import LoopConfig
@@ -311,8 +312,7 @@ class Int8Linear(nn.Module):
 def quantized(model: nn.Module, names=("wq", "wv", "down")) -> nn.Module:
     for name, m in list(model.named_modules()):
         if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in names:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Int8Linear(m))
+            replace_module(model, name, Int8Linear(m))
     return model
 
 

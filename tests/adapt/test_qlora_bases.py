@@ -10,7 +10,7 @@ from torch import nn
 
 from lmforge import checkpoint as ckpt
 from lmforge.adapt.lora import LoRAConfig, LoRALinear, apply_lora, lora_layers
-from lmforge.adapt.qlora import BASE_LAYERS, base_layer_record
+from lmforge.adapt.qlora import BASE_LAYERS, base_layer_record, onto_float_base, restore_base_layers
 from lmforge.errors import ConfigError
 
 from ..align.helpers import tiny_model
@@ -181,3 +181,18 @@ def test_a_sharded_runs_checkpoint_records_its_quantized_layers(tmp_path, monkey
         loaded, _ = ckpt.load_model(path, tokenizer=False)
         with torch.no_grad():
             torch.testing.assert_close(loaded(IDS), model(IDS), rtol=0, atol=0)
+
+
+def test_a_record_naming_a_layer_the_model_lacks_is_refused_in_one_line(monkeypatch):
+    """Adapters or quantized layers recorded on a layer the model lacks (a float base of fewer layers given to
+    `lmforge export --adapter --base`: onto_float_base) raised torch's AttributeError ('ModuleList has no attribute
+    `1`') from the hand-written swap, a traceback the export's own message never wrapped. Both swaps go through
+    lmforge.model.surgery now and refuse it naming the layer."""
+    monkeypatch.setitem(BASE_LAYERS, "test-spied", SpiedInt8)
+    model = apply_lora(quantize(tiny_model(0, n_layers=2), SpiedInt8), LoRAConfig(r=2, targets=("wq", "up")))
+    with pytest.raises(ConfigError, match="LoRA adapter on blocks.1.attn.wq, which is not a Linear layer of "
+                                          "Transformer$"):
+        onto_float_base(model, tiny_model(0))
+    with pytest.raises(ConfigError, match="^ckpt: base layer blocks.1.attn.wq was a test-spied layer, but the model "
+                                          "it loads onto has no module there; give the base it was trained on$"):
+        restore_base_layers(tiny_model(0), base_layer_record(model), "ckpt")

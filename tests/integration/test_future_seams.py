@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import lmforge as lf
-from lmforge.adapt.lora import matches, outer_layers
 from lmforge.align.data import RecordError, pad_batch
 from lmforge.align.dpo import PAIR
 from lmforge.align.logprobs import ModelAux, batch_logps, masked_mean
@@ -27,6 +26,7 @@ from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.kv.policy import KVPolicy
 from lmforge.model.layers.attention import attend_with
 from lmforge.model.structure import tied_weights
+from lmforge.model.surgery import matches, outer_layers, register_base_layer, replace_module
 from lmforge.tokenizer.byte import ByteTokenizer
 from lmforge.train.objective import Stateless
 
@@ -142,7 +142,7 @@ def test_openai_style_streaming_two_requests_one_cancelled(model, tok):
 class QuantLinear(nn.Module):
     """Weight-only int8: W ~ q * s with q = round(W / s) in [-127, 127] and one scale s per output channel (row),
     s = max |W_row| / 127 (absmax, as LLM.int8's vector-wise quantization, Dettmers et al. 2022, without the
-    outliers). Integer in_features / out_features make it linear-like (lmforge.adapt.lora.linear_like)."""
+    outliers). Integer in_features / out_features make it a linear layer to lmforge.model.surgery.outer_layers."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -169,14 +169,14 @@ class QuantLinear(nn.Module):
 
 
 def quantize_linears(model: nn.Module, targets: tuple[str, ...] = ("*",)) -> list[str]:
-    """In place, from outside the model (as apply_lora wraps layers): every Linear matching `targets` (LoRA's
-    name patterns) becomes a QuantLinear, but a tied one (GPT-2's lm_head shares the embedding's weight).
-    Returns the names replaced."""
+    """In place, from outside the model, through the seams apply_lora uses too (lmforge.model.surgery): every
+    Linear matching `targets` (PEFT-style name patterns) becomes a QuantLinear, but a tied one (GPT-2's lm_head
+    shares the embedding's weight). Returns the names replaced."""
     tied = {name.rpartition(".")[0] for group in tied_weights(model) for name in group}
     names = [n for n, m in outer_layers(model).items() if isinstance(m, nn.Linear) and matches(n, targets)
              and n not in tied]
     for name in names:
-        model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name)))
+        replace_module(model, name, QuantLinear.from_linear(model.get_submodule(name)))
     return names
 
 
@@ -189,7 +189,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
             lin.weight.data.copy_(m.dequantized())
             if m.bias is not None:
                 lin.bias.data.copy_(m.bias)
-            ref.set_submodule(name, lin.requires_grad_(False))
+            replace_module(ref, name, lin.requires_grad_(False))
     return ref
 
 
@@ -236,7 +236,6 @@ def test_int8_weight_only_model_generates_as_its_dequantized_weights(tok, preset
 
 
 def test_int8_model_saves_and_loads_through_the_base_layer_registry(tmp_path, tok):
-    from lmforge.adapt.qlora import register_base_layer
     from lmforge.checkpoint import save_checkpoint
 
     torch.manual_seed(0)

@@ -119,6 +119,7 @@ def frozen_names(model) -> set[str]:
         return set(getattr(model, "frozen", ()))
     from lmforge.adapt.lora import adapter_names
     from lmforge.model.layers.moe import MoE
+    from lmforge.model.surgery import state_dict_name
 
     prefix, base = _base_of(model)
     kept = adapter_names(base) | {f"{n}.e_bias" if n else "e_bias" for n, m in base.named_modules(
@@ -126,7 +127,9 @@ def frozen_names(model) -> set[str]:
     given = {n for n, p in base.named_parameters(remove_duplicate=False) if not p.requires_grad}
     given |= {n for n, _ in base.named_buffers(remove_duplicate=False)}
     keys = model.state_dict().keys()
-    return {prefix + n for n in given - kept if prefix + n in keys}
+    # (an activation-checkpointed model's names hold the wrapper's part, which its state_dict keys drop)
+    left = {prefix + state_dict_name(n) for n in given - kept}
+    return left & keys
 
 
 def _base_of(model) -> tuple[str, Any]:

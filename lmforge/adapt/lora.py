@@ -70,7 +70,8 @@ from torch import nn
 from lmforge.adapt.config import LoRAConfig
 from lmforge.errors import ConfigError
 from lmforge.model.layers.fused import bare_tensor, plain_linear
-from lmforge.model.surgery import matches, module_at, outer_layers, replace_module  # (the neutral seams: re-exported)
+from lmforge.model.surgery import (matches, module_at, outer_layers,  # (the neutral seams: re-exported)
+                                   replace_module, unwrapped_modules)
 from lmforge.model.transformer import linear_shape
 
 
@@ -231,12 +232,13 @@ def _kind(layer: LoRALinear) -> str:
 
 def lora_record(model) -> dict[str, list]:
     """{layer: [r, scale]} of a model's unmerged adapters, [r, scale, kind] for a layer other than plain LoRA
-    (DoRA's "dora"): what a checkpoint records (restore_lora's input). A stand-in for a model (a sharded
+    (DoRA's "dora"): what a checkpoint records (restore_lora's input), each layer under its state_dict name (an
+    activation-checkpointed model's too: lmforge.model.surgery.state_dict_name). A stand-in for a model (a sharded
     model's gathered weights) gives its `lora` attribute."""
     if not isinstance(model, nn.Module):
         return dict(getattr(model, "lora", {}))
     return {n: [m.lora_A.shape[0], m.scale, *([kind] if (kind := _kind(m)) != "lora" else [])]
-            for n, m in lora_layers(model).items()}
+            for n, m in unwrapped_modules(model).items() if isinstance(m, LoRALinear)}
 
 
 def restore_lora(model: nn.Module, layers: dict[str, list]) -> nn.Module:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, warn_caller
-from lmforge.model.surgery import BASE_LAYERS, REGISTER, module_at, replace_module
+from lmforge.model.surgery import BASE_LAYERS, REGISTER, module_at, replace_module, unwrapped_modules
 from lmforge.model.surgery import register_base_layer  # noqa: F401  (re-exported: the registry is the model's)
 
 
@@ -123,15 +123,6 @@ def built_modules(model: nn.Module) -> dict[str, nn.Module] | None:
     return dict(built.named_modules()) if type(built) is _own_class(model) else None
 
 
-def _unwrapped(model: nn.Module) -> dict[str, nn.Module]:
-    """model.named_modules() under their state_dict names: an activation-checkpoint wrapper (parallel.ac) gives
-    its name to the module it wraps, and its `_checkpoint_wrapped_module.` part is dropped."""
-    out = {}
-    for name, m in model.named_modules():
-        out[name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")] = m
-    return out
-
-
 def replaced_modules(model: nn.Module) -> dict[str, nn.Module]:
     """{name: module} of the outermost modules of `model` that are not what build_model(model.cfg) puts at their
     names (a LoRA layer's base under the LoRA layer's name; modules the built model lacks are not its business).
@@ -140,7 +131,7 @@ def replaced_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     built = built_modules(model)
     out, inside = {}, None
-    for name, m in _unwrapped(model).items():  # depth-first: a module's submodules come right after it
+    for name, m in unwrapped_modules(model).items():  # depth-first: a module's submodules come right after it
         if not name or (inside is not None and name.startswith(inside)):
             continue
         inside = None

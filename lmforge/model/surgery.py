@@ -45,6 +45,20 @@ def outer_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def state_dict_name(name: str) -> str:
+    """A module's, parameter's or buffer's name as named_modules / named_parameters give it, as the model's state_dict
+    and the model load_model builds have it: an activation-checkpoint wrapper (lmforge.parallel.ac) gives its name
+    to the module it wraps, and its `_checkpoint_wrapped_module.` part is dropped, as the wrapper's state_dict
+    drops it. What a checkpoint records (a LoRA layer's name, a replaced layer's, what it leaves to its base) is
+    named so."""
+    return name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def unwrapped_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """model.named_modules() under their state_dict names (state_dict_name): a wrapper's name is its module's."""
+    return {state_dict_name(name): m for name, m in model.named_modules()}
+
+
 def module_at(model: nn.Module, name: str) -> nn.Module | None:
     """The submodule of `model` at the dotted `name`, or None where there is none (no such attribute on the way,
     or one that is no module: a parameter, an optional layer left None)."""

@@ -236,6 +236,27 @@ def test_two_fsdp_processes_write_adapter_checkpoints_that_resume_in_two_and_in_
         assert "step_000002 at step 2" in capfd.readouterr().out
 
 
+def _fsdp_ac_worker(rank: int, world: int, base: str, run: str) -> list[float]:
+    cfg = _cfg(Path(base), run, lora=LORA, optim=OPTIM, max_steps=2, plot=False, ckpt_every=2,
+               parallel={"dp_shard": 2, "activation_checkpoint": "full"})
+    return _losses(PT.posttrain(cfg))
+
+
+def test_two_fsdp_processes_with_activation_checkpointing_write_an_adapter_checkpoint_that_opens(base, tmp_path):
+    """A LoRA run on 2 processes with parallel.activation_checkpoint recorded its adapters under the wrapper's names
+    ('blocks.0._checkpoint_wrapped_module.attn.wq') and saved the whole model as 'adapter-only' (31 tensors): its
+    checkpoint did not open (AttributeError: Block has no attribute `_checkpoint_wrapped_module`). It records the
+    state_dict's names and holds the 13 tensors a run without the wrapper holds."""
+    run = tmp_path / "ac"
+    run_local(_fsdp_ac_worker, 2, str(base), str(run), timeout=120, start_method="fork")
+    path = _last(run)
+    assert sorted(json.loads((path / "config.json").read_text())["lora"]) == [
+        f"blocks.{i}.{n}" for i in (0, 1) for n in ("attn.wq", "attn.wv", "mlp.up")]
+    assert len(load_file(path / "model.safetensors")) == 13
+    model, _ = ckpt.load_model(path, tokenizer=False)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 6
+
+
 def test_an_adapter_checkpoint_leaves_out_exactly_what_its_base_gives(tmp_path):
     """What an adapter-only checkpoint leaves out is what its base checkpoint gives back, nothing else: a
     PolicyAndCritic over a LoRA policy saves its critic whole, frozen or not (its unread lm_head, the trunk with
@@ -293,3 +314,34 @@ def test_an_adapter_checkpoint_of_a_quantized_base_holds_the_adapters_alone(tmp_
     resumed = apply_lora(quantized(tiny_model(0), ("wq", "wk", "wv")), cfg)  # as a Trainer's resume loads it
     ckpt.load_weights(resumed, path, set(resumed.state_dict()) - ckpt.frozen_names(resumed))
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))
+
+
+def test_an_activation_checkpointed_lora_models_checkpoints_name_its_layers_as_its_state_dict(tmp_path):
+    """Under activation checkpointing (lmforge.parallel.ac: a `--nproc` run's parallel.activation_checkpoint) the
+    module names hold the wrapper's `_checkpoint_wrapped_module` part and the state_dict's do not. The LoRA record
+    named the layers with it, so load_model could not find them (AttributeError, then 'not a Linear layer'), and
+    an adapter-only checkpoint found none of the base's tensors frozen and held the whole model. Both use the
+    state_dict's names now (lmforge.model.surgery.state_dict_name): the checkpoints are the unwrapped model's."""
+    import copy
+
+    from lmforge.adapt.lora import LoRAConfig, adapter_names, apply_lora, lora_record
+    from lmforge.parallel.ac import apply_ac
+
+    from ..adapt.test_lora import randomise_b
+    from ..align.helpers import tiny_model
+
+    ids = torch.randint(0, 41, (2, 7), generator=torch.Generator().manual_seed(0))
+    base = ckpt.save_checkpoint(tmp_path / "base", 0, tiny_model(0))
+    plain = apply_lora(tiny_model(0), LoRAConfig(r=2, alpha=4, targets=("wq", "wv")))
+    randomise_b(plain)
+    model = apply_ac(copy.deepcopy(plain), "full")
+    assert "blocks.0._checkpoint_wrapped_module.attn.wq" in dict(model.named_modules())
+    assert lora_record(model) == lora_record(plain) == {"blocks.0.attn.wq": [2, 2.0], "blocks.0.attn.wv": [2, 2.0]}
+    assert ckpt.frozen_names(model) == ckpt.frozen_names(plain) != set()
+    whole = ckpt.save_checkpoint(tmp_path / "whole", 1, model)
+    adapters = ckpt.save_checkpoint(tmp_path / "adapters", 1, model, base=ckpt.base_record(base))
+    assert set(load_file(adapters / "model.safetensors")) == adapter_names(plain)
+    for path in (whole, adapters):
+        loaded, _ = ckpt.load_model(path, tokenizer=False)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids), plain.eval()(ids), rtol=0, atol=0)

@@ -259,10 +259,10 @@ def test_gpu_launching_a_step_never_waits_for_the_device(tok):
         engine.step()
     launch, launched = engine._launch, []
 
-    def checked(prev):
+    def checked(prev, *args):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            step = launch(prev)
+            step = launch(prev, *args)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         launched.append(step is not None and step.overlap)

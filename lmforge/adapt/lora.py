@@ -71,7 +71,7 @@ from lmforge.adapt.config import LoRAConfig
 from lmforge.errors import ConfigError
 from lmforge.model.layers.fused import bare_tensor, plain_linear
 from lmforge.model.surgery import (matches, module_at, outer_layers,  # (the neutral seams: re-exported)
-                                   replace_module, unwrapped_modules)
+                                   replace_module, state_dict_name, unwrapped_modules)
 from lmforge.model.transformer import linear_shape
 
 
@@ -247,6 +247,7 @@ def restore_lora(model: nn.Module, layers: dict[str, list]) -> nn.Module:
     evaluation; apply_lora builds adapters to train). Returns the model."""
     kinds = layer_kinds()
     for name, (r, scale, *kind) in layers.items():
+        name = state_dict_name(name)  # (an activation-checkpointed run's record before names were: a wrapper's part)
         layer = kinds.get(kind[0] if kind else "lora")
         if layer is None:
             raise ConfigError(f"the checkpoint's LoRA layer {name} is a {kind[0]}, an adapter layer lmforge does not "

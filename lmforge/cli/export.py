@@ -81,7 +81,7 @@ def export(cfg: ExportConfig) -> Path:
     import torch
 
     from lmforge.align.data import check_template
-    from lmforge.checkpoint import load_model, resolve_checkpoint
+    from lmforge.checkpoint import bos_record, load_model, resolve_checkpoint
     from lmforge.model.hf import FAMILIES
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.byte import ByteTokenizer
@@ -117,8 +117,8 @@ def export(cfg: ExportConfig) -> Path:
     family = cfg.family or source_family(ckpt, model)
     dtype = getattr(torch, DTYPES[cfg.dtype]) if cfg.dtype else stored_dtype(ckpt, model)
     model.eos_token_ids = eos_ids(model, bpe, template)
-    if bpe is not None:  # config.json's bos_token_id (save_pretrained): the tokenizer's BOS, else none
-        model.bos_token_id = bpe.bos_id
+    if bpe is not None:  # config.json's bos_token_id (save_pretrained): the tokenizer's BOS, else the model's own
+        model.bos_token_id = bos_record(model, bpe).get("bos_token_id")
     files = TokenizerFiles(bpe, template, model.eos_token_ids, model.cfg.max_seq_len,
                            byte=isinstance(tok, ByteTokenizer))
     if cfg.adapter:

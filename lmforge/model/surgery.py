@@ -82,7 +82,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
         near = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {near[0]!r}?" if near else "model.named_modules() lists the names"
         raise ConfigError(f"{name!r} is no submodule of {type(model).__name__}, so there is nothing to replace; {hint}")
-    model.set_submodule(name, new, strict=True)
+    parent, _, child = name.rpartition(".")  # (not Module.set_submodule: torch >= 2.5, its strict= later still)
+    setattr(model.get_submodule(parent) if parent else model, child, new)
     return old
 
 

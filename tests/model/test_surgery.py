@@ -99,3 +99,18 @@ def test_matches_is_peft_target_modules_and_the_adapter_names_are_the_same_objec
     assert lora.matches is surgery.matches and lora.outer_layers is surgery.outer_layers
     assert qlora.register_base_layer is adapt.register_base_layer is surgery.register_base_layer
     assert qlora.BASE_LAYERS is surgery.BASE_LAYERS
+
+
+def test_replace_module_needs_no_set_submodule_and_restore_lora_reads_a_wrapped_runs_names(monkeypatch):
+    """nn.Module.set_submodule came in torch 2.5 (its strict= later), and the project allows torch 2.4: every LoRA
+    wrap went through it. A LoRA record written by an activation-checkpointed run before records took state_dict
+    names holds the wrapper's part ('blocks.0._checkpoint_wrapped_module.attn.wq'): it names the model's layer."""
+    from lmforge.adapt.lora import LoRALinear, restore_lora
+
+    monkeypatch.delattr(nn.Module, "set_submodule", raising=False)
+    model = tiny()
+    old = model.blocks[0].attn.wq
+    assert replace_module(model, "blocks.0.attn.wq", nn.Identity()) is old
+    assert isinstance(model.blocks[0].attn.wq, nn.Identity)
+    restore_lora(model, {"blocks.1._checkpoint_wrapped_module.attn.wq": [4, 2.0]})
+    assert isinstance(model.blocks[1].attn.wq, LoRALinear) and model.blocks[1].attn.wq.lora_A.shape[0] == 4

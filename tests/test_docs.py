@@ -32,9 +32,32 @@ def scratch(tmp_path, monkeypatch):
     torch.set_num_threads(n)
 
 
+def registries() -> list[dict]:
+    """The process-wide tables a guide's example may register into (register_objective, register_data_kind,
+    register_base_layer, register_policy, register_model)."""
+    from lmforge.align.config import DATA_KINDS, OBJECTIVES
+    from lmforge.infer.kv.policy import EXAMPLES, POLICIES
+    from lmforge.model.registry import MODELS
+    from lmforge.model.surgery import BASE_LAYERS
+
+    return [OBJECTIVES, DATA_KINDS, BASE_LAYERS, POLICIES, EXAMPLES, MODELS]
+
+
 def run_guide(name: str) -> tuple[dict, list[list[str]]]:
     """Run the guide's python blocks in one namespace, write its named toml files, run its shell commands
-    (with TOY's flags appended); returns the namespace and the commands that ran."""
+    (with TOY's flags appended); returns the namespace and the commands that ran. What the blocks register is
+    unregistered after (the tables are the process's: a later test, or the guide run again, would meet it)."""
+    tables = registries()
+    kept = [dict(t) for t in tables]
+    try:
+        return _run_guide(name)
+    finally:
+        for table, before in zip(tables, kept):
+            table.clear()
+            table.update(before)
+
+
+def _run_guide(name: str) -> tuple[dict, list[list[str]]]:
     text = (DOCS / name).read_text()
     blocks = fenced("python", text)
     assert blocks and all("..." not in b for b in blocks), f"{name}: a python block is not runnable as written"
@@ -68,7 +91,10 @@ def test_inference_guide_runs(scratch, capsys):
 
 
 def test_training_guide_runs(scratch):
+    before = [dict(t) for t in registries()]
     scope, commands = run_guide("training.md")
+    # what it registered (a data kind, a base layer) is gone: left, a later test met a kind whose module was gone
+    assert [dict(t) for t in registries()] == before
     assert commands == [["sft", "--config", "sft.toml"]]  # train --nproc and the README's train: not run here
     assert scope["result"].stop_reason == "copying learned"
     assert [p.name for p in checkpoint_dirs(scratch / "runs" / "sft-cli")][-1] == "step_000006"
@@ -99,3 +125,4 @@ def test_inference_guide_lists_every_sampling_field():
     table = text[text.index("| field | what it does |"):text.index("The filters keep what")]
     named = {name for cell in re.findall(r"^\| ([^|]+) \|", table, flags=re.M) for name in re.findall(r"`(\w+)`", cell)}
     assert [f.name for f in dataclasses.fields(SamplingParams) if f.name not in named] == []
+

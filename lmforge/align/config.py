@@ -231,7 +231,9 @@ class DataKindSpec:
     run's lmforge.align.data.Encoder `enc` (enc.prompt_completion / enc.chat give (ids, mask) examples). Every
     example goes through fit(example), which truncates it to seq_len + 1 tokens (data.truncation) and refuses one
     with nothing left to train; a bad record raises lmforge.align.data.RecordError(reason, f"{where}: ..."), which
-    data.on_error='skip' counts under `reason`"""
+    data.on_error='skip' counts under `reason`. An item is built of lists, tuples, tensors, numbers, strings and
+    None: a resumed run compares a fingerprint of the items (lmforge.align.data.fingerprint), which reads any other
+    object by its repr (an address by default, new in every process: a resume would be refused)"""
     collate: str
     """(items, data, options) -> dict of tensors: a batch of items, for the run's PostDataConfig `data` and the
     objective's options (its [name] section; None outside a run)"""

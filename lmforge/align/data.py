@@ -49,7 +49,7 @@ from typing import Any, Callable
 
 import torch
 
-from lmforge.align.config import PostDataConfig, data_kind, resolve
+from lmforge.align.config import KTOConfig, PostDataConfig, data_kind, resolve
 from lmforge.errors import DataError, LmforgeError
 from lmforge.infer.chat_template import MARKER, ChatTemplate, get_template
 from lmforge.model.meta import packed_positions
@@ -249,13 +249,14 @@ def _truncate(ex: Example, max_tokens: int, cut: list[bool], where: str, keep_en
 
 
 def encode_record(enc: Encoder, rec: dict, kind: str, where: str, max_tokens: int, report: DataReport,
-                  truncation: str = "keep_start"):
-    """One record -> the item of its data kind (DATA_KINDS[kind].encode): an SFT example, a (chosen, rejected) pair
-    ((chosen, rejected, margin) when the record has a 'margin'), (example, label) for KTO; a record truncated (any
-    example of it) counts once in report.truncated."""
+                  truncation: str = "keep_start", encode=None):
+    """One record -> the item of its data kind (DATA_KINDS[kind].encode, or `encode`, that function resolved once by
+    a caller reading many): an SFT example, a (chosen, rejected) pair ((chosen, rejected, margin) when the record has
+    a 'margin'), (example, label) for KTO; a record truncated (any example of it) counts once in report.truncated."""
     cut: list[bool] = []
     keep_end = truncation == "keep_end"
-    item = resolve(data_kind(kind).encode)(enc, rec, where, lambda ex: _truncate(ex, max_tokens, cut, where, keep_end))
+    encode = encode or resolve(data_kind(kind).encode)
+    item = encode(enc, rec, where, lambda ex: _truncate(ex, max_tokens, cut, where, keep_end))
     report.truncated += bool(cut)
     return item
 
@@ -302,12 +303,13 @@ def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, 
     """All usable items of `files` (see encode_record), checked together (DataKindSpec.check), and the report of
     what was read."""
     spec = data_kind(kind)  # (an unknown kind: before any file is read)
+    encode = resolve(spec.encode)  # (once, not per record)
     report = DataReport()
     items = []
     for path in files:
         for where, rec in read_jsonl(path, report, on_error):
             try:
-                items.append(encode_record(enc, rec, kind, where, seq_len + 1, report, truncation))
+                items.append(encode_record(enc, rec, kind, where, seq_len + 1, report, truncation, encode))
                 report.used += 1
             except RecordError as e:
                 if on_error == "raise":  # the record's own message, and the way to go on without it
@@ -431,9 +433,10 @@ def collate_preference(pairs: list[tuple], data: PostDataConfig, options: Any = 
 
 def collate_kto(items: list[tuple[Example, bool]], data: PostDataConfig, options: Any = None
                 ) -> dict[str, torch.Tensor]:
-    """Data kind 'kto': kto_batch, with the mismatched rows unless the objective's options say kl = False
-    (KTOConfig(kl=False) does not read them), truncated as the examples are."""
-    return kto_batch(items, kl=getattr(options, "kl", True), max_tokens=data.seq_len + 1,
+    """Data kind 'kto': kto_batch, with the mismatched rows unless KTO's options say kl = False (KTOConfig(kl=False)
+    does not read them; another objective's options on this kind, whose `kl` may be a coefficient, are not read),
+    truncated as the examples are."""
+    return kto_batch(items, kl=options.kl if isinstance(options, KTOConfig) else True, max_tokens=data.seq_len + 1,
                      keep_end=data.truncation == "keep_end")
 
 
@@ -562,15 +565,15 @@ def kind_collate(kind: str, data: PostDataConfig, options: Any = None) -> Callab
     data.packing is on), each batch checked to hold the spec's keys."""
     spec = data_kind(kind)
     if spec.packs and data.packing:
-        collate = partial(packed_batch, seq_len=data.seq_len)
+        collate, maker = partial(packed_batch, seq_len=data.seq_len), "packed_batch (data.packing)"
     else:
-        collate = partial(resolve(spec.collate), data=data, options=options)
+        collate, maker = partial(resolve(spec.collate), data=data, options=options), spec.collate
 
     def checked(units: list) -> dict[str, torch.Tensor]:
         batch = collate(units)
         missing = [k for k in spec.keys if k not in batch]
         if missing:
-            raise DataError(f"data kind {kind!r}: {spec.collate} gave a batch without {missing}, which its "
+            raise DataError(f"data kind {kind!r}: {maker} gave a batch without {missing}, which its "
                             f"DataKindSpec.keys promise; return them from the collate or drop them from keys")
         return batch
 

@@ -118,7 +118,8 @@ _OPTION = r"(?:\(([a-dA-D])\)|(?-i:([A-D]))\b|(?-i:([a-d]))(?=[).,;:!?]|[ \t]*(?
 # else that article. A reply with no mark names its choice first ("B is correct; A, C and D are wrong", "Option (B)
 # is right, not (A)"); lm-eval's flan-cot flexible-extract takes the last "(X)" of a chain of thought, whose
 # conclusion is read here before the fallback, from its "the answer is (C)"
-_VERB = r"(?:is|was|would|seems|looks|appears|fits|matches|best|because|since)\b"
+# what follows an option letter, not the article: a verb ("A is correct") or a list of options ("A and B are wrong")
+_VERB = r"(?:is|was|would|seems|looks|appears|fits|matches|best|because|since|and|or|nor|vs)\b"
 _FALLBACKS = (re.compile(r"\(([A-D])\)"), re.compile(rf"\b([B-D]|A(?!\s+(?!{_VERB})[a-z]))\b"),
               re.compile(r"\b([A-D])\b"))
 

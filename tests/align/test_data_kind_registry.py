@@ -4,6 +4,7 @@ their encoders and collates are registered the same way."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -130,6 +131,12 @@ def test_the_objectives_options_reach_the_kinds_batches(tmp_path):
     without = D.build_sources(cfg, TOK, "kto", seed=0, options=KTOConfig(kl=False))[0].next_batch()
     assert "kl_input_ids" in with_kl and not any(k.startswith("kl_") for k in without)
     assert torch.equal(with_kl["input_ids"], without["input_ids"])
+
+    @dataclasses.dataclass(frozen=True)
+    class Other:  # another objective's options on the kto kind: its `kl` a coefficient, not KTO's switch
+        kl: float = 0.0
+
+    assert "kl_input_ids" in D.build_sources(cfg, TOK, "kto", seed=0, options=Other())[0].next_batch()
 
 
 def test_an_objective_registers_on_a_registered_kind_only(weighted):

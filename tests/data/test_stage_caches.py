@@ -77,4 +77,4 @@ def test_the_tokenize_stage_keeps_its_tokenizer_while_files_are_written_beside_i
     for i in range(3):
         time.sleep(0.01)  # (a folder time that differs between batches on a coarse clock)
         tokenize(cfg, [Document(id="a", text="the cat")], StageContext(workdir=tmp_path, shard=f"shard-{i:05d}"))
-    assert len(list((tmp_path / "tokens").glob("shard-*.bin"))) == 3 and len(loads) <= 1
+    assert len(list((tmp_path / "tokens").glob("shard-*.bin"))) == 3 and len(loads) == 1

@@ -91,6 +91,7 @@ def test_mmlu_fallback_reads_the_first_standalone_letter_not_the_article(mmlu):
                   "Option (B) is right, not (A).", "Correct: B\nWhy not A? Because."):
         assert mmlu.parse(reply) == "B", reply
     assert mmlu.parse("A is correct, B is wrong") == "A" and mmlu.parse("A seems right; B does not") == "A"
+    assert mmlu.parse("A and B are wrong; C is right.") == "A"  # (the first letter named: no article here)
     for none in ("No letter here", "I do not know.", "a good question", ""):
         assert mmlu.parse(none) is None, none
 

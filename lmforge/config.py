@@ -25,6 +25,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 T = TypeVar("T")
+V = TypeVar("V")
 
 SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """the short dtype names options take (--dtype bf16, ref_dtype='bf16') -> torch's (lmforge.model.hf.float_dtype)"""
@@ -310,3 +311,15 @@ def check(cond: bool, message: str) -> None:
     """Validation helper for __post_init__: raise ConfigError(message) unless cond."""
     if not cond:
         raise ConfigError(message)
+
+
+def claim(table: dict, name: str, value: V, what: str) -> V:
+    """table[name] = value for the register_* functions (register_model, register_objective, register_data_kind,
+    register_policy, register_base_layer), each of which checks its own names first: a name another value holds
+    is refused in one line; the same value again (the same class, an equal spec) does nothing. Returns value."""
+    held = table.get(name, value)
+    if held is not value and held != value:
+        shown = getattr(held, "__qualname__", None) or getattr(held, "path", None) or getattr(held, "encode", None)
+        raise ConfigError(f"{what} {name!r} is already registered ({shown or repr(held)}); choose another name")
+    table[name] = value
+    return value

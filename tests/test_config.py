@@ -299,3 +299,25 @@ def test_with_defaults_fills_missing_fields_even_where_a_saved_value_no_longer_r
     saved["optim"]["name"] = "a_removed_optimizer"
     del saved["model"]["norm_offset"], saved["seed"]
     assert with_defaults(TrainConfig, saved) == dict(full, optim=saved["optim"])
+
+
+def test_claim_is_the_one_taken_name_rule_of_every_registry():
+    """register_model / _objective / _data_kind / _policy / _base_layer each wrote the rule again (and drifted:
+    'is' for classes, '!=' for specs, two message forms); claim is it: the same or an equal value again does
+    nothing, another is refused in one line naming what holds the name."""
+    import dataclasses
+
+    from lmforge.config import claim
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:
+        path: str
+
+    table: dict = {}
+    assert claim(table, "a", Spec("m:A"), "toy") == Spec("m:A") and claim(table, "a", Spec("m:A"), "toy")
+    assert claim(table, "k", int, "toy") is int and claim(table, "k", int, "toy") is int
+    with pytest.raises(ConfigError, match=r"^toy 'a' is already registered \(m:A\); choose another name$"):
+        claim(table, "a", Spec("m:B"), "toy")
+    with pytest.raises(ConfigError, match=r"toy 'k' is already registered \(int\)"):
+        claim(table, "k", float, "toy")
+    assert table == {"a": Spec("m:A"), "k": int}

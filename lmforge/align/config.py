@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.adapt.config import LoRAConfig
-from lmforge.config import SHORT_DTYPES, check, coerce_fields
+from lmforge.config import SHORT_DTYPES, check, claim, coerce_fields
 from lmforge.errors import ConfigError, DataError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.train.config import LoopConfig
@@ -301,10 +301,7 @@ def register_data_kind(name: str, spec: DataKindSpec) -> DataKindSpec:
     if not (isinstance(spec.keys, tuple) and spec.keys and all(isinstance(k, str) and k for k in spec.keys)):
         raise ConfigError(f"data kind {name!r}: DataKindSpec.keys={spec.keys!r} must be a non-empty tuple of the "
                           "batch keys every batch holds, e.g. ('input_ids', 'targets', 'loss_mask')")
-    if DATA_KINDS.get(name, spec) != spec:
-        raise ConfigError(f"data kind {name!r} is already registered ({DATA_KINDS[name].encode}); choose another name")
-    DATA_KINDS[name] = spec
-    return spec
+    return claim(DATA_KINDS, name, spec, "data kind")
 
 
 def data_kind(name: str) -> DataKindSpec:
@@ -347,10 +344,7 @@ def register_objective(name: str, spec: ObjectiveSpec) -> ObjectiveSpec:
                           f"read; choose one of {', '.join(DATA_KINDS)}, or register it first with register_data_kind")
     for what in ("path", "wrap"):
         _check_path(f"objective {name!r}", f"ObjectiveSpec.{what}", getattr(spec, what), "Class", what == "wrap")
-    if OBJECTIVES.get(name, spec) != spec:
-        raise ConfigError(f"objective {name!r} is already registered ({OBJECTIVES[name].path}); choose another name")
-    OBJECTIVES[name] = spec
-    return spec
+    return claim(OBJECTIVES, name, spec, "objective")
 
 
 def resolve(path: str):

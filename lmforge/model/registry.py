@@ -30,6 +30,7 @@ from typing import Callable
 
 from torch import nn
 
+from lmforge.config import claim
 from lmforge.errors import ConfigError
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
@@ -44,9 +45,7 @@ def register_model(name: str, build: Builder) -> None:
     """Add a model class under `name` (ModelConfig.arch); a name taken by another builder is refused."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"a model class registers under a non-empty name, got {name!r}")
-    if MODELS.get(name, build) is not build:
-        raise ConfigError(f"model arch {name!r} is already registered ({MODELS[name]!r}); choose another name")
-    MODELS[name] = build
+    claim(MODELS, name, build, "model arch")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

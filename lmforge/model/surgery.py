@@ -20,6 +20,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from lmforge.config import claim
 from lmforge.errors import ConfigError
 from lmforge.model.transformer import linear_shape
 
@@ -104,7 +105,4 @@ def register_base_layer(kind: str, cls: type) -> type:
         raise ConfigError(f"{cls.__qualname__} has neither empty(**settings, dtype=, device=) nor "
                           "from_linear(linear, **settings): load_model builds a base layer with one of them; add a "
                           "classmethod empty (lmforge.model.surgery.register_base_layer)")
-    if BASE_LAYERS.get(kind, cls) is not cls:
-        raise ConfigError(f"base layer kind {kind!r} is already {BASE_LAYERS[kind].__qualname__}; choose another name")
-    BASE_LAYERS[kind] = cls
-    return cls
+    return claim(BASE_LAYERS, kind, cls, "base layer kind")

@@ -90,7 +90,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import check, coerce_fields
+from lmforge.config import check, claim, coerce_fields
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.utils import to_device
 
@@ -404,9 +404,7 @@ def register_policy(name: str, cls: type, example: str | None = None) -> type:
     if not (isinstance(cls, type) and issubclass(cls, KVPolicy) and dataclasses.is_dataclass(cls)):
         raise ConfigError(f"register_policy({name!r}, ...) takes a KVPolicy dataclass (its fields are the spec's "
                           f"keys), got {getattr(cls, '__qualname__', cls)!r}")
-    if POLICIES.get(name, cls) is not cls:
-        raise ConfigError(f"KV policy {name!r} is already {POLICIES[name].__qualname__}; choose another name")
-    POLICIES[name] = cls
+    claim(POLICIES, name, cls, "KV policy")
     if example is not None:
         EXAMPLES[name] = example
     return cls

@@ -5,6 +5,8 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 46, 2026-12-07: an H100 came once: `gputests` at 21c8e35 26 passed + 41 passed 2 skipped 1 failed (a test's
+# Engine._launch wrapper took one argument; mended in c26c811, then 4 passed). Nothing owed but `decode` on an H200)
 # (session 45, 2026-12-07: no GPU came (15 asks). Owed: `gputests` (session 44's list, plus softcap/window checks at
 # the kernels' entry, kernel_step refused before Ampere, sampler.fit_vocab in sampling and draft rounds, int64 seeds))
 # (session 44, 2026-12-07: no GPU came (~15 asks). Owed: `gputests` at the session's end (kernel-step availability by

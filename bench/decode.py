@@ -368,7 +368,7 @@ def bench_kernel_step(rep: Report, model, prompts: list[list[int]], new: int, re
     from lmforge.infer.graphs import kernel_step_available
     from lmforge.infer.kernel_step import unsupported
 
-    why = kernel_step_available() or unsupported(model)
+    why = kernel_step_available(dev) or unsupported(model)
     if why is None and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         why = "no GPU (TRITON_INTERPRET=1 runs it in Triton's interpreter)"
     if why is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +79,48 @@ def test_train_kernels_times_only_kernels_that_agree(monkeypatch):
     assert triton["swiglu"]["check"].startswith("FAIL (gradient") and "fwd_ms" not in triton["swiglu"]
     assert triton["swiglu"]["max_rel_err"] == 0.0
     assert all(r["check"] == "ok" and "fwd_bwd_ms" in r for r in rows if r["variant"] != "triton")
+
+
+def _rows(path) -> list[dict]:
+    import json
+
+    return json.loads(path.read_text())["rows"]
+
+
+def test_decode_quick_reaches_every_section(tmp_path, monkeypatch):
+    """bench/decode.py --quick (its CPU check) through the plain, kernel-step and speculative rows: the kernel-step
+    rows died with a TypeError on the GPU (kernel_step_available() had come to take the engine's device) and no
+    test ran the script. TRITON_INTERPRET=0: the kernel step is asked whether it runs and says why not, in seconds."""
+    from bench import decode
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    decode.main(["--quick", "--batches", "1", "--prompt-len", "8", "--new-tokens", "4",
+                 "--sections", "plain,kernels,spec"])
+    rows = {r["variant"]: r for r in _rows(tmp_path / "decode_quick.json")}
+    assert rows["engine, plain eager paged steps"]["agree"] == 1.0
+    assert rows["Triton kernel step"]["note"].startswith("skipped: ")
+    spec = [r for name, r in rows.items() if name.startswith("speculative")]
+    assert spec and all(r["agree"] == 1.0 for r in spec)  # greedy drafts never change the output
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize("script, out, n_rows", [("prefill_attention", "prefill_attention_smoke.json", 4),
+                                                 ("paged_attention", "paged_attention.json", 4),
+                                                 ("paged_latent", "paged_latent.json", 15)])
+def test_attention_benches_smoke(script, out, n_rows, tmp_path, monkeypatch):
+    """The decode- and prefill-attention benches' --smoke (their CPU check, kernels in Triton's interpreter): every
+    row runs and every kernel row matches its reference. The scripts catch a failing row and go on (a note, or
+    the row left out), so a stale call shows in the rows, not in an exit status."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCH))  # prefill_attention imports bench/attention.py as its sibling
+    monkeypatch.setenv("OUT", str(tmp_path))
+    importlib.import_module(f"bench.{script}").main(["--smoke"])
+    rows = _rows(tmp_path / out)
+    failed = [r for r in rows if "FAILED" in r.get("note", "") or "Error" in r.get("note", "")]
+    assert len(rows) == n_rows and not failed
+    errs = [r[k] for r in rows for k in ("err", "max_err", "default_err") if k in r]
+    assert errs and max(errs) < 1e-5  # fp32

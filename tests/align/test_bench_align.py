@@ -62,3 +62,33 @@ def test_bench_sizes_follow_device_and_explicit_flags_win():
     d = align_distill.parse(["--device", "cuda:0", "--steps", "7"])
     assert (d.teacher, d.teacher_lr, d.train, d.steps) == ("384,6", 1e-3, 100_000, 7)
     assert align_distill.parse(["--smoke"]).teacher == "48,2"
+
+
+def _results(path) -> dict:
+    import json
+
+    return json.loads(path.read_text())["results"]
+
+
+def test_align_compare_smoke_runs_every_method(tmp_path, monkeypatch):
+    """bench/align_compare.py --smoke, the script's CPU check: SFT, the verifier's pairs, the reward model and every
+    preference method; a method that fails is caught into its row (an error, not an exit status)."""
+    from bench import align_compare
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    align_compare.main(["--smoke"])
+    results = _results(tmp_path / "align_compare_count_s0_smoke.json")
+    assert set(results) == {"before", *align_compare.METHODS}
+    assert all(0 <= r["accuracy"] <= 1 and "error" not in r for r in results.values())
+
+
+def test_align_distill_smoke_runs_every_student(tmp_path, monkeypatch):
+    """bench/align_distill.py --smoke: the teacher and every student variant train (a failing one is skipped with
+    its error in the row)."""
+    from bench import align_distill
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    align_distill.main(["--smoke"])
+    results = _results(tmp_path / "align_distill_count_s0_smoke.json")
+    assert set(results) == {"teacher", *align_distill.parse(["--smoke"]).variants.split(",")}
+    assert all(0 <= r["accuracy"] <= 1 and "skipped" not in r for r in results.values())

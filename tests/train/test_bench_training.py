@@ -47,3 +47,40 @@ def test_speculative_training_stops_when_the_clock_runs_out():
     """A spent budget ends training after the first (untimed) step and one more."""
     args, data, model = _setup(100)
     assert S.train_for("t", model, data, data, 0.0, 3e-3, args, torch.device("cpu"))["steps"] == 2
+
+
+def _run_script(monkeypatch, module, *argv: str) -> None:
+    """A bench script whose main() reads sys.argv, run in this process."""
+    import importlib
+
+    monkeypatch.setattr("sys.argv", [f"bench/{module}.py", *argv])
+    importlib.import_module(f"bench.{module}").main()
+
+
+def test_posttrain_smoke_times_every_layout(tmp_path, monkeypatch):
+    """bench/posttrain.py --smoke: packed and padded SFT batches give the same loss and every layout is timed (a
+    layout that fails is caught into its row)."""
+    import json
+
+    _run_script(monkeypatch, "posttrain", "--smoke", "--out", str(tmp_path / "posttrain.json"))
+    out = json.loads((tmp_path / "posttrain.json").read_text())
+    assert out["check"] == "ok" and out["loss_diff"] < 1e-4
+    assert set(out["results"]) == {"padded", "length-grouped", "packed"}
+    assert all(r["real_tok_per_s"] > 0 for r in out["results"].values())
+
+
+def test_parallel_smoke_trains_every_layout_alike(tmp_path, monkeypatch):
+    """bench/parallel.py --smoke (a process group of one, gloo): every FSDP2 / activation-checkpointing variant
+    trains and its losses equal the plain model's (a variant that fails is caught into its row)."""
+    import json
+
+    from bench import parallel
+
+    try:
+        _run_script(monkeypatch, "parallel", "--smoke", "--out", str(tmp_path / "parallel.json"))
+    finally:  # the script ends its group; one cut short must not leave it to the next test
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    rows = json.loads((tmp_path / "parallel.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == list(parallel.VARIANTS)
+    assert all(r.get("ok") for r in rows), [r.get("error") for r in rows]

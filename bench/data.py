@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from lmforge.data.minhash import MinHashConfig, choose_bands_rows, cluster, shingle_texts, signatures_flat
 from lmforge.data.synthetic import near_duplicate_corpus
 
@@ -190,7 +188,8 @@ def main() -> None:
                  platform.machine(), "cpus": os.cpu_count()}
     if args.only in (None, "minhash"):
         res["minhash"] = m = bench_minhash(args.docs, 5)
-        print(f"\nMinHash, {m['docs']} docs x ~300 words, 128 perms, word 5-grams, t=0.8 (b={m['bands']}, r={m['rows']})")
+        print(f"\nMinHash, {m['docs']} docs x ~300 words, 128 perms, word 5-grams, t=0.8 "
+              f"(b={m['bands']}, r={m['rows']})")
         print(f"{'':32}{'lmforge':>12}{'datasketch':>12}{'speed-up':>10}")
         for label, a, b in [("signatures/s (from text)", "lmforge_sigs_per_s", "datasketch_sigs_per_s"),
                             ("signatures/s (from shingles)", "lmforge_sigs_per_s_from_shingles",

@@ -284,7 +284,8 @@ def engine_run(llm: LLM, prompts: list[list[int]], args, dev: torch.device) -> t
     speculative counters from each output's metrics."""
     greedy = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     with torch.inference_mode():
-        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+        # (within the pool sized for --new-tokens: 32 tokens overflowed it below --new-tokens 16)
+        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=min(32, args.new_tokens), ignore_eos=True))
         outs, tot = [], {"seconds": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "target_forwards": 0}
         for p in prompts:
             out, dt = timed(lambda: llm.generate(p, greedy)[0], dev)
@@ -402,7 +403,7 @@ def measure(rep: Report, target, draft, target32, prompts: list[list[int]], args
 
     def plain() -> tuple[list[list[int]], dict]:
         llm = plain_llm(target, prompts, args.new_tokens)
-        plain_greedy(llm, prompts[0], 32)  # warm-up
+        plain_greedy(llm, prompts[0], min(32, args.new_tokens))  # warm-up, within the pool sized for --new-tokens
         outs, secs = [], 0.0
         for p in prompts:
             toks, dt = timed(lambda: plain_greedy(llm, p, args.new_tokens), dev)

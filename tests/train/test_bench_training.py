@@ -84,3 +84,16 @@ def test_parallel_smoke_trains_every_layout_alike(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "parallel.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == list(parallel.VARIANTS)
     assert all(r.get("ok") for r in rows), [r.get("error") for r in rows]
+
+
+def test_speculative_quick_table_decodes_every_variant_exactly(tmp_path, monkeypatch):
+    """bench/speculative.py --quick's table (a few training steps here): every drafter, alone and in the engine,
+    chain and token tree, gives the no-draft greedy tokens; a variant that fails is caught into an error row."""
+    import json
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    S.main(["--quick", "--max-steps", "3", "--warmup", "1", "--eval-batches", "1", "--prompts", "1",
+            "--new-tokens", "8", "--ks", "2", "--trees", "2,1"])
+    rows = json.loads((tmp_path / "speculative_quick.json").read_text())["rows"]
+    assert len(rows) == 6 and not [r["error"] for r in rows if "error" in r]
+    assert all(r["equal"] == "1/1" for r in rows)

@@ -64,7 +64,7 @@ def main() -> None:
                 model=variants[name],
                 data=DataConfig(train=(str(tr),), val=(str(va),), seq_len=64, batch_size=12, bytes_per_token=1.0),
                 optim=OptimConfig(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, warmup_steps=100, min_lr_ratio=0.1),
-                run_dir=str(tmp / f"{name}-{precision}"), max_steps=args.steps, eval_every=args.steps // 4,
+                run_dir=str(tmp / f"{name}-{precision}"), max_steps=args.steps, eval_every=max(1, args.steps // 4),
                 eval_batches=20, log_every=50, ckpt_every=args.steps, device=args.device, progress=False,
                 plot=False, seed=1337, dtype="fp32" if precision == "fp32" else "bf16",
                 bf16_residual=precision == "bf16res")

@@ -4,6 +4,7 @@ own tests)."""
 
 import copy
 
+import pytest
 import torch
 
 from bench import speculative as S
@@ -97,3 +98,19 @@ def test_speculative_quick_table_decodes_every_variant_exactly(tmp_path, monkeyp
     rows = json.loads((tmp_path / "speculative_quick.json").read_text())["rows"]
     assert len(rows) == 6 and not [r["error"] for r in rows if "error" in r]
     assert all(r["equal"] == "1/1" for r in rows)
+
+
+@pytest.mark.filterwarnings("ignore:optim.warmup_steps")  # nanoGPT's 100 warmup steps, past these 2
+def test_shakespeare_runs_fewer_steps_than_four(tmp_path, monkeypatch):
+    """bench/shakespeare.py --steps 2 (a check of the script): it evaluated every steps // 4 = 0 steps, which
+    TrainConfig refuses, so a short run ended in a traceback."""
+    import json
+    import math
+
+    from bench import shakespeare
+    from tests.conftest import shared_data
+
+    monkeypatch.setattr(shakespeare, "DATA", shared_data("tinyshakespeare", "input.txt"))
+    _run_script(monkeypatch, "shakespeare", "--steps", "2", "--variants", "llama", "--out", str(tmp_path / "s.json"))
+    [row] = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert row["steps"] == 2 and math.isfinite(row["val_loss"])

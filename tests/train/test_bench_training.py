@@ -77,6 +77,7 @@ def test_parallel_smoke_trains_every_layout_alike(tmp_path, monkeypatch):
 
     from bench import parallel
 
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)  # restored
     try:
         _run_script(monkeypatch, "parallel", "--smoke", "--out", str(tmp_path / "parallel.json"))
     finally:  # the script ends its group; one cut short must not leave it to the next test
@@ -93,6 +94,7 @@ def test_speculative_quick_table_decodes_every_variant_exactly(tmp_path, monkeyp
     import json
 
     monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --quick's, for the rest of this process
     S.main(["--quick", "--max-steps", "3", "--warmup", "1", "--eval-batches", "1", "--prompts", "1",
             "--new-tokens", "8", "--ks", "2", "--trees", "2,1"])
     rows = json.loads((tmp_path / "speculative_quick.json").read_text())["rows"]

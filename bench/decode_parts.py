@@ -40,7 +40,7 @@ from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.infer import kernel_step as kstep  # noqa: E402
 from lmforge.kernels import decode as kd  # noqa: E402
 from lmforge.kernels import paged_attention as pa  # noqa: E402
-from lmforge.kernels.tuning import CACHE_ENV  # noqa: E402
+from lmforge.kernels.tuning import CACHE_ENV, SHIPPED_DIR  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 
@@ -252,8 +252,8 @@ def main() -> None:
     if not kd.available(dev):
         raise SystemExit("needs Triton on a GPU, or TRITON_INTERPRET=1 on CPU")
     model, kv = build(args.tiny, args.context, dev)
-    if dev == "cuda":  # the shipped config sets (read only: --tune does not save)
-        os.environ.setdefault(CACHE_ENV, str(Path(__file__).parent / "configs" / "kernels"))
+    if dev == "cuda":  # the shipped config sets, not a user's cache (read only: --tune does not save)
+        os.environ.setdefault(CACHE_ENV, str(SHIPPED_DIR))
     step = kstep.KernelStep(model, kv, persistent=False)  # the five kernels per layer the filter knows
     print(f"configs: {'disk cache' if step.configs.gpu else 'defaults'} {step.configs.to_json()['configs']}")
     tok = torch.zeros(1, dtype=torch.long, device=dev)

@@ -59,7 +59,7 @@ def test_a_stream_cancelled_during_a_step_aborts_its_request(tok, how, via):
         aeng = AsyncEngine(engine)
         other = asyncio.ensure_future(collect(aeng.generate("stays", SamplingParams(temperature=0, max_tokens=12,
                                                                                    ignore_eos=True))))
-        reqs = []
+        reqs, at_cancel = [], []
 
         async def consume():
             if via == "generate":
@@ -72,6 +72,8 @@ def test_a_stream_cancelled_during_a_step_aborts_its_request(tok, how, via):
         async def cancel_during_a_step(cancel):
             while not in_step.is_set():
                 await asyncio.sleep(0.001)
+            leaving = engine.requests.get("leaves")  # (it may have joined a step late on a loaded machine)
+            at_cancel.append(leaving.seqs[0].num_output if leaving is not None else 0)
             cancel()
 
         if anyio is not None:
@@ -83,11 +85,12 @@ def test_a_stream_cancelled_during_a_step_aborts_its_request(tok, how, via):
             await cancel_during_a_step(task.cancel)
             with pytest.raises(asyncio.CancelledError):
                 await task
-        return reqs[0], await other, engine
+        return reqs[0], await other, engine, at_cancel[0]
 
-    req, other, engine = asyncio.run(main())
+    req, other, engine, at_cancel = asyncio.run(main())
     seq = req.seqs[0]
-    assert seq.finish == "abort" and 3 <= seq.num_output <= 5  # aborted right after the step in flight
+    # aborted right after the step in flight (and the one async scheduling launched behind it), not run on to 60
+    assert seq.finish == "abort" and max(1, at_cancel) <= seq.num_output <= at_cancel + 2
     assert seq.tokens[req.prompt_len:] == full_greedy(model, tok.encode("leaves"), seq.num_output)
     assert other[-1].finished and other[-1].token_ids == full_greedy(model, tok.encode("stays"), 12)
     assert not engine.has_unfinished() and engine.pool.num_used == 0

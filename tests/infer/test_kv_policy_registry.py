@@ -55,3 +55,26 @@ def test_bad_registrations_are_refused_in_one_line(name, cls, message):
     with pytest.raises(ConfigError, match=message) as e:
         P.register_policy(name, cls)
     assert "\n" not in str(e.value) and "keep_first" not in P.POLICIES and P.POLICIES["h2o"] is P.H2O
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeepFraction(P.KVPolicy):
+    ratio: float = 0.5
+    keep: int = 4
+
+    def plan(self, seq, state):
+        return None
+
+
+def test_a_spec_gives_a_registered_policy_floats_and_refuses_a_key_given_twice():
+    """A spec's values were ints, bools or strings: a registered policy's float field got the string '0.25' and
+    failed later, inside an engine step; 'window=256,window=128' kept the last silently."""
+    try:
+        P.register_policy("keep_fraction", KeepFraction)
+        assert P.policy_from_spec("keep_fraction:ratio=0.25,keep=3") == KeepFraction(ratio=0.25, keep=3)
+        assert P.policy_from_spec("keep_fraction:ratio=1e-1").ratio == 0.1
+        with pytest.raises(ConfigError, match="keep is given twice"):
+            P.policy_from_spec("keep_fraction:keep=2,keep=3")
+    finally:
+        P.POLICIES.pop("keep_fraction", None)
+    assert P.policy_from_spec("streaming:window=256,positions=cache").window == 256

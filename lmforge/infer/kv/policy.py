@@ -82,6 +82,7 @@ prefill kernels, MLA's absorbed/expanded paths and the CUDA-graph static buffers
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -410,6 +411,19 @@ def register_policy(name: str, cls: type, example: str | None = None) -> type:
     return cls
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+def _spec_value(text: str) -> int | float | bool | str:
+    """A spec value as the command line writes it: '256' an int, '0.25' or '1e-3' a float (a registered policy's
+    float field; it stayed the string '0.25'), 'true'/'false' a bool, anything else its text."""
+    if text.lstrip("+-").isdigit():
+        return int(text)
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def policy_from_spec(spec: str) -> KVPolicy:
     """'NAME:key=value,...' -> that policy, e.g. 'streaming:window=256,positions=cache', 'h2o:heavy=64,recent=64',
     'snapkv:budget=128' (NAME one of POLICIES; keys its fields; values as the dataclass coerces them)."""
@@ -429,9 +443,9 @@ def policy_from_spec(spec: str) -> KVPolicy:
         if not eq or key not in known:
             raise ConfigError(f"KV policy {name}: {item!r} is not key=value with a key among "
                               f"{', '.join(sorted(known))}")
-        value = value.strip()
-        fields[key] = int(value) if value.lstrip("-").isdigit() else {"true": True, "false": False}.get(value.lower(),
-                                                                                                       value)
+        if key in fields:
+            raise ConfigError(f"KV policy {name}: {key} is given twice in {spec!r}; give it once")
+        fields[key] = _spec_value(value.strip())
     try:
         return kind(**fields)
     except TypeError as e:  # a required field left out

@@ -47,6 +47,14 @@ def _check_text(text) -> None:
         raise TypeError(f"encode takes a str, got {type(text).__name__}{hint}")
 
 
+def _overlapping(these: Iterable[str], others: Iterable[str]) -> bool:
+    """Whether a text of `these` and one of `others` can share characters of a match: one inside the other, or one's
+    end the other's start."""
+    others = list(others)
+    return any(a in b or b in a or any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))
+               for a in these for b in others)
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer.
 
@@ -98,10 +106,15 @@ class Tokenizer:
             raise ConfigError(f"eos_token {eos_token!r} is not one of the special tokens {list(self.special_tokens)}; "
                               "add it to special_tokens")
         self.eos_token = eos_token
-        self._raw_added = tuple(s for s in self.special_tokens if s not in self.normalized)
+        # the tokens matched in the normalized text, second: none where that text is the raw text and no such token
+        # overlaps a raw one (one pass then finds what HF's two find: GPT-2's tokenizer.json marks <|endoftext|>
+        # normalized, which must stay a cut point of encode_iterable and needs no warning on export)
+        self._second_pass = () if self.normalization is None and not _overlapping(
+            self.normalized, [s for s in self.special_tokens if s not in self.normalized]) else self.normalized
+        self._raw_added = tuple(s for s in self.special_tokens if s not in self._second_pass)
         self._raw_set = frozenset(self._raw_added)
         self._norm_added: dict[str, str] = {}  # a normalized token's normalized text -> its name (the first's)
-        for s in self.normalized:
+        for s in self._second_pass:
             self._norm_added.setdefault(self._normalize(s), s)
         self._check_tables()
         self._decode_table = [_REPLACEMENT] * self.vocab_size
@@ -323,7 +336,7 @@ class Tokenizer:
         """Raise where `text` holds a disallowed string where encode (keeping `keep`) looks for it: a `normalized`
         added token by its normalized text in the normalized stretches (under NFC "[e" + U+0301 + "]" holds "[é]",
         "xe" + U+0301 no "xe"), any other in the raw text, as tiktoken."""
-        by_norm = {self._normalize(s): s for s in disallowed if s in self.normalized} if self.normalized else {}
+        by_norm = {self._normalize(s): s for s in disallowed if s in self._second_pass} if self._second_pass else {}
         raw = tuple(s for s in disallowed if s not in by_norm.values()) if by_norm else disallowed
         m = special_regex(raw).search(text) if raw else None
         found = m.group() if m else None
@@ -489,8 +502,8 @@ class Tokenizer:
                                          specials_lost),
                                         (f"added tokens {list(self.non_special)} marked not special (read back as "
                                          "specials, which encode_ordinary leaves as text)", bool(self.non_special)),
-                                        (f"added tokens {list(self.normalized)} matched in the normalized text (read "
-                                         "back as matched in the raw text, first)", bool(self.normalized)),
+                                        (f"added tokens {list(self._second_pass)} matched in the normalized text "
+                                         "(read back as matched in the raw text, first)", bool(self._second_pass)),
                                         (f"end-of-text token {self.eos_token!r} (read back as {end_of_text(back)}, "
                                          "where generation stops)", eos_lost))
                 if gone]

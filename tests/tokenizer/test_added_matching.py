@@ -8,6 +8,7 @@ it but a normalized one (both tokenizer kinds matched a non-special "<|a" inside
 from __future__ import annotations
 
 import json
+import warnings
 import random
 
 import pytest
@@ -216,3 +217,25 @@ def test_a_special_shared_with_an_ordinary_id_counts_its_bytes_and_a_duplicate_s
     special = Tokenizer(vocab, [(b"a", b"t")], {"<|endoftext|>": 300, "at": 301})
     assert special.encode_ordinary("cat") == [ord("c"), 256] and special.encode("cat") == [ord("c"), 301]
     assert not special.shared_ids
+
+
+def test_a_normalized_token_without_a_normalizer_stays_a_cut_point_and_needs_no_export_warning(
+        byte_level_doc, tmp_path, monkeypatch):
+    """GPT-2's tokenizer.json marks <|endoftext|> "normalized": true and has no normalizer: matched in a second pass,
+    it was no cut point of encode_iterable (one line of documents joined by it was encoded whole, 5 MB at once) and
+    save_gpt2 warned that the file gives other ids. With no normalizer and no overlap with a raw token, one pass
+    finds what HF's two find."""
+    from tokenizers import Tokenizer as HF
+
+    doc = _with_added(byte_level_doc, None, [("<|sep|>", True, True)])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    tok, hf = Tokenizer.from_hf(tmp_path), HF.from_str(json.dumps(doc))
+    text = ("the cat sat " * 20 + "<|sep|>") * 40
+    assert tok.encode(text) == _hf_ids(hf, text) and tok.encode_ordinary(text) == _hf_ids(hf, text, ordinary=True)
+    sizes, encode = [], tok.encode
+    monkeypatch.setattr(tok, "encode", lambda t, **kw: sizes.append(len(t)) or encode(t, **kw))
+    ids = list(tok.encode_iterable(iter(text[i:i + 100] for i in range(0, len(text), 100)), buffer_chars=500))
+    assert ids == _hf_ids(hf, text) and max(sizes) < 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok.save_gpt2(tmp_path / "gpt2")

@@ -170,7 +170,11 @@ class TokenFile:
         for key in ("dtype", "vocab_size", "num_tokens"):
             if key not in self.header:
                 raise DataError(f"{self.path} header lacks {key!r}; re-create the shard")
-        if not isinstance(self.header.get("version", 1), int) or self.header.get("version", 1) > VERSION:
+        version = self.header.get("version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise DataError(f"{self.path} has a corrupt header: version {version!r} is no format version; re-create "
+                            "the shard")
+        if version > VERSION:
             raise DataError(f"{self.path} is a version {self.header.get('version')!r} token shard, newer than this "
                             f"lmforge reads (up to {VERSION}); upgrade lmforge")
         self.dtype = np.dtype(self.header["dtype"])

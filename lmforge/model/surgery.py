@@ -101,6 +101,10 @@ def register_base_layer(kind: str, cls: type) -> type:
     empty layer for the checkpoint to fill with the classmethod `empty(**settings, dtype=, device=)` (in an
     nn.Linear's place `empty(in_features, out_features, bias, **settings, ...)`), or from_linear(linear,
     **settings) on a meta-device Linear (lmforge.adapt.qlora.base_shell has the rules). Returns cls."""
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"a base layer registers under a non-empty name (checkpoints record it), got {kind!r}")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"register_base_layer({kind!r}, ...) takes an nn.Module class, got {cls!r}")
     if not callable(getattr(cls, "empty", None)) and not callable(getattr(cls, "from_linear", None)):
         raise ConfigError(f"{cls.__qualname__} has neither empty(**settings, dtype=, device=) nor "
                           "from_linear(linear, **settings): load_model builds a base layer with one of them; add a "

@@ -29,7 +29,9 @@ _WORKED = re.compile(rf"{_QUANTITY}(?:\s*[-+*/x×÷=]{_QUANTITY})+\s*")
 class _FileTask(Task):
     subdir = ""
 
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self, root: str | Path | None = None, *, instruct: bool = False):
+        if instruct:  # (a TypeError before: no such argument)
+            raise ConfigError(f"{self.name} takes its prompts from the files; instruct is a generated task's option")
         self.root = Path(root) if root is not None else DEFAULT_ROOT
         if not (self.root / self.subdir).is_dir():
             raise DataError(f"{self.name} data not found under {self.root / self.subdir}; "

@@ -48,7 +48,7 @@ import torch
 from lmforge.adapt.lora import LoRAConfig
 # the run's config and the objectives' registry live in a torch-free module (`lmforge sft --help` reads them there)
 from lmforge.align.config import (OBJECTIVES, ObjectiveSpec, PostTrainConfig, config_class,  # noqa: F401
-                                  objective_spec, register_objective, resolve)
+                                  data_kind, objective_spec, register_objective, resolve)
 from lmforge.align.data import build_sources
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.train.data import encode_alike
@@ -196,7 +196,13 @@ def check_posttrain(cfg: PostTrainConfig) -> None:
 
     if not cfg.init:
         raise ConfigError("init is not set: give the checkpoint, run or HF directory to start from (init = 'runs/x')")
-    if "teacher" in inspect.signature(resolve(objective_spec(cfg.objective).path)).parameters and not cfg.teacher:
+    spec = objective_spec(cfg.objective)
+    kind = data_kind(spec.data)  # its functions imported now, not after the model loaded (a registered kind's typo)
+    for what in ("encode", "collate", "check"):
+        path = getattr(kind, what)
+        if path is not None and not callable(resolve(path)):
+            raise ConfigError(f"data kind {spec.data!r}: DataKindSpec.{what}={path!r} is no function")
+    if "teacher" in inspect.signature(resolve(spec.path)).parameters and not cfg.teacher:
         raise ConfigError(f"{cfg.objective} needs a teacher model: set teacher = 'checkpoint or HF directory'")
     frozen_devices(cfg)  # (the settings alone first, then the files they name)
     resolve_checkpoint(cfg.init)

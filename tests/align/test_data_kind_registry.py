@@ -13,7 +13,7 @@ import torch
 
 from lmforge.align import config as C
 from lmforge.align import data as D
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.tokenizer.byte import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -180,3 +180,26 @@ def test_a_kind_check_runs_over_each_file_set(tmp_path):
     ok = write(tmp_path / "ok.jsonl", [{**pair, "margin": 0.5}] * 2)
     src, vsrc, _ = D.build_sources(C.PostDataConfig(train=(ok,), val=(val,), template="plain"), TOK, "preference", 0)
     assert vsrc.next_batch()["margin"].tolist() == pytest.approx([math.pi])
+
+
+def test_a_registered_kinds_functions_are_imported_before_the_model_loads(tmp_path):
+    """A typo in a registered kind's path was found only when the run first read data, after loading the model (on
+    every rank under --nproc): check_posttrain imports the functions first."""
+    from lmforge.train.posttrain import check_posttrain
+
+    for name, spec, message in (
+            ("toy_typo", C.DataKindSpec("nomodule_xyz_:encode", f"{__name__}:collate_weighted", keys=C.LM_KEYS),
+             "nomodule_xyz_"),
+            ("toy_tuple", C.DataKindSpec(f"{__name__}:encode_weighted", "lmforge.align.config:LM_KEYS",
+                                         keys=C.LM_KEYS), "DataKindSpec.collate='lmforge.align.config:LM_KEYS' is no "
+                                                          "function")):
+        C.register_data_kind(name, spec)
+        C.register_objective("toy_obj", C.ObjectiveSpec("lmforge.align.sft:SFTObjective", name))
+        try:
+            cfg = C.PostTrainConfig(objective="toy_obj", init=str(tmp_path / "no_checkpoint_here"))
+            with pytest.raises(LmforgeError, match=message) as e:
+                check_posttrain(cfg)
+            assert "\n" not in str(e.value)
+        finally:
+            C.OBJECTIVES.pop("toy_obj", None)
+            C.DATA_KINDS.pop(name, None)

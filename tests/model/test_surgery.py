@@ -114,3 +114,15 @@ def test_replace_module_needs_no_set_submodule_and_restore_lora_reads_a_wrapped_
     assert isinstance(model.blocks[0].attn.wq, nn.Identity)
     restore_lora(model, {"blocks.1._checkpoint_wrapped_module.attn.wq": [4, 2.0]})
     assert isinstance(model.blocks[1].attn.wq, LoRALinear) and model.blocks[1].attn.wq.lora_A.shape[0] == 4
+
+
+def test_register_base_layer_refuses_a_bad_name_or_class_in_one_line():
+    """register_base_layer(None, cls) registered a kind checkpoints record as null; a class that is no class
+    (register_base_layer('x', 3)) was an AttributeError traceback."""
+    from lmforge.model.surgery import register_base_layer
+
+    for kind, cls, message in ((None, Int8Linear, "a non-empty name"), ("", Int8Linear, "a non-empty name"),
+                               ("x", 3, "an nn.Module class, got 3"), ("x", int, "an nn.Module class")):
+        with pytest.raises(ConfigError, match=message) as e:
+            register_base_layer(kind, cls)
+        assert "\n" not in str(e.value) and kind not in BASE_LAYERS

@@ -143,3 +143,12 @@ def test_an_exclamation_mark_after_the_answer_is_no_part_of_it():
         task = TASKS[name]()
         ex = task.examples("test", 1, seed=0)[0]
         assert task.verify(ex, reply.format(ex.answer)), (name, reply)
+
+
+def test_instruct_on_a_file_task_is_refused_in_one_line(tmp_path):
+    """GSM8K and MMLU take their prompts from the files: instruct=True was a bare TypeError."""
+    from lmforge.errors import ConfigError
+
+    for name in ("gsm8k", "mmlu"):
+        with pytest.raises(ConfigError, match="takes its prompts from the files; instruct is a generated task's"):
+            TASKS[name](tmp_path, instruct=True)

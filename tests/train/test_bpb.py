@@ -210,3 +210,21 @@ def test_a_shard_records_starts_only_for_documents_and_says_when_it_is_too_new(t
     bare.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="version 3 token shard, newer than this lmforge reads .up to 2.; upgrade"):
         TokenFile(bare)
+
+
+def test_a_shard_version_that_is_no_integer_is_a_corrupt_header_not_a_newer_format(tmp_path):
+    import json
+    import struct
+
+    from lmforge.data.shards import MAGIC, TokenFile, write_tokens
+    from lmforge.errors import DataError
+
+    path = write_tokens(tmp_path / "s.bin", np.arange(10), vocab_size=257, tokenizer="byte")
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<I", raw[len(MAGIC):len(MAGIC) + 4])
+    header = json.loads(raw[len(MAGIC) + 4:len(MAGIC) + 4 + n])
+    for version in ("2", None, 2.0, True, 0):
+        raw[len(MAGIC) + 4:len(MAGIC) + 4 + n] = json.dumps({**header, "version": version}).encode().ljust(n, b" ")
+        path.write_bytes(bytes(raw))
+        with pytest.raises(DataError, match="corrupt header: version .* is no format version"):
+            TokenFile(path)

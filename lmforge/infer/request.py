@@ -25,9 +25,14 @@ from lmforge.infer.sampling import SamplingParams
 
 
 class Status(enum.Enum):
+    """Where a sequence is: in the scheduler's queue, in its running batch, out of both for good, or - FAILED - out
+    of both with its blocks freed because it can never fit in the pool (lmforge.infer.scheduler.Batch.failed): not
+    waiting, whatever a reader of the status assumes; Scheduler.finish ends it (FINISHED) when its request fails."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+    FAILED = "failed"
 
 
 def stop_ids(params: SamplingParams, tokenizer, model_eos: tuple[int, ...] = ()) -> set[int]:

@@ -73,7 +73,8 @@ class Batch:
     """(sequence, KV blocks its next chunk needs) of sequences that do not fit holding every block in use (with
     the newer running sequences preempted, which is not done then: it would be for nothing): they never will
     (preempting itself, one would be recomputed up to the same point, forever). Out of the batch and of every
-    queue, their blocks freed: the caller ends their requests (the engine fails them)"""
+    queue, their blocks freed, status FAILED (and their request's waiting sequences'): the caller ends their
+    requests (the engine fails them; Scheduler.finish takes a failed sequence)"""
 
     @property
     def num_tokens(self) -> int:
@@ -117,7 +118,8 @@ class Scheduler:
         self.running.insert(self.running.index(after) + 1, seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and release its blocks."""
+        """Drop a finished, aborted or failed (`_fail`: in no queue, its blocks freed) sequence and release its
+        blocks."""
         if seq.status == Status.RUNNING:
             self.running.remove(seq)
         elif seq.status == Status.WAITING and seq in self.waiting:
@@ -354,16 +356,18 @@ class Scheduler:
 
     def _fail(self, seq: Sequence, new: int, batch: Batch) -> None:
         """seq needs more blocks for its next `new` tokens than the whole pool: out of the running batch, its blocks
-        freed, reported in batch.failed (status WAITING in no queue: finish() then finds it nowhere). Its request
-        ends, so its other sequences waiting (samples preempted before) leave the queue too: none is admitted."""
+        freed, reported in batch.failed with status FAILED (in no queue; finish() ends it). Its request ends, so
+        its other sequences waiting (samples preempted before) leave the queue too, FAILED as well: none is
+        admitted."""
         pool = self.pool
         need = self._need_alone(seq, new)
         pool.release(seq.block_table)
-        seq.status = Status.WAITING
+        seq.status = Status.FAILED
         batch.failed.append((seq, need))
         for other in seq.request.seqs:  # (none runs: it would hold a block)
             if other is not seq and other.status == Status.WAITING and other in self.waiting:
                 self.waiting.remove(other)
+                other.status = Status.FAILED
 
     def _preempt(self, seq: Sequence, batch: Batch) -> None:
         """Recompute preemption: free the blocks; the tokens stay and are prefilled again on resume."""

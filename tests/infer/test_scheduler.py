@@ -89,8 +89,34 @@ def test_a_sequence_holding_the_whole_pool_that_still_does_not_fit_fails():
     assert batch.failed == [(a, 5)] and batch.preempted == [] and sched.num_preemptions == 0
     assert [(s.seq_id, n) for s, n in batch.chunks] == [(1, 3)] and sched.running == [b]
     assert a not in sched.waiting and a.block_table == [] and sched.pool.num_used == 1
+    assert a.status == Status.FAILED  # not WAITING: it is in no queue and never will be
     sched.finish(a)  # what the engine does next (it fails a's request): found nowhere, nothing held
     assert a.status == Status.FINISHED and sched.running == [b] and sched.pool.num_used == 1
+
+
+def test_a_failed_sequence_is_never_readmitted_and_finish_ends_it_once():
+    """A failed sequence's status says so (FAILED, not WAITING in no queue): later steps neither run nor admit it,
+    the scheduler has no work left for it, and finish() ends it - FINISHED, one release event, no block released
+    twice (the prompt admitted in its place keeps its block)."""
+    sched = make(num_blocks=4, block_size=4)
+    released = []
+    sched.on_release = released.append
+    a, b = seq(0, 16), seq(1, 3)
+    sched.add(a)
+    sched.add(b)
+    run(sched, sched.schedule())
+    batch = sched.schedule()
+    assert batch.failed == [(a, 5)] and a.status == Status.FAILED
+    run(sched, batch)
+    for _ in range(3):  # b decodes; a is in no step, queue or admission
+        batch = sched.schedule()
+        assert [s for s, _ in batch.chunks] == [b] and batch.failed == [] and a not in sched.waiting
+        run(sched, batch)
+    sched.finish(b)
+    assert not sched.has_work() and sched.schedule().chunks == [] and a.status == Status.FAILED
+    sched.finish(a)
+    assert a.status == Status.FINISHED and released == [b, a] and sched.pool.num_used == 0
+    assert all(r >= 0 for r in sched.pool.ref)
 
 
 def test_a_sequence_waits_while_another_holds_blocks_and_fails_only_alone():
@@ -141,6 +167,7 @@ def test_a_failing_sequences_newer_sibling_goes_with_it():
     batch = sched.schedule()
     assert batch.failed == [(a, 6)] and batch.preempted == [sib] and batch.chunks == []
     assert sched.running == [] and list(sched.waiting) == [] and sched.pool.num_used == 0
+    assert a.status == sib.status == Status.FAILED  # its request ends with it: neither waits
 
 
 def test_a_failed_sequences_waiting_siblings_leave_the_queue():
@@ -160,7 +187,7 @@ def test_a_failed_sequences_waiting_siblings_leave_the_queue():
     assert batch.preempted == [sib] and batch.failed == [] and [s for s, _ in batch.chunks] == [a]
     run(sched, batch)  # a: 16 tokens, needs a 5th block
     batch = sched.schedule()
-    assert batch.failed == [(a, 5)] and list(sched.waiting) == []
+    assert batch.failed == [(a, 5)] and list(sched.waiting) == [] and sib.status == Status.FAILED
     assert [(s.seq_id, n) for s, n in batch.chunks] == [(2, 3)]
 
 

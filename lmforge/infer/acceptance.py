@@ -69,15 +69,26 @@ class ExactAcceptance:
     needs_q = True
 
     def chain(self, p, q, drafts, greedy, gen) -> tuple[int, int]:
-        if q is None and drafts:  # (greedy only: a sampled chain without q is refused before it is scored)
-            q = torch.nn.functional.one_hot(torch.tensor(drafts, device=p.device), p.shape[-1]).to(p.dtype)
-        return verify(p, q.to(p.device) if drafts else p[:0], drafts, gen)
+        if greedy:  # a chain is the tree whose node i hangs from node i - 1 (q, None or given, is not read)
+            path, token = _greedy(drafts, list(range(-1, len(drafts) - 1)), p)
+            return len(path), token
+        return verify(p, q.to(p.device) if drafts else p[:0], drafts, gen)  # (a sampled chain has q: take)
 
     def tree(self, tree, p, q, greedy, gen) -> tuple[list[int], int]:
         if greedy:
-            path = greedy_path(tree, p.argmax(-1).tolist())
-            return path, int(p[path[-1] + 1 if path else 0].argmax())
+            return _greedy(tree.tokens, tree.parents, p)
         return sampled_path(tree, p, q.to(p.device) if q is not None else None, gen)
+
+
+def _greedy(tokens: list[int], parents: list[int], p: torch.Tensor) -> tuple[list[int], int]:
+    """Greedy matching of a chain or a tree (tokens, parents) against p (d + 1, V) (one-hot argmax rows: p's argmax
+    is the target's greedy token): the accepted path (`greedy_path`) and the argmax after its last node, from one
+    host read. A chain keeps what the rejection test (`verify`) with that p keeps wherever q gives each draft a
+    probability > 0 (where q gives a matching draft 0, the test rejected it, then drew that same token: the output
+    is the same), and draws nothing from the sequence's generator."""
+    target = p.argmax(-1).tolist()
+    path = greedy_path(tokens, parents, target)
+    return path, target[path[-1] + 1 if path else 0]
 
 
 EXACT = ExactAcceptance()

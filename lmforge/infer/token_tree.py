@@ -113,12 +113,14 @@ def sampled_path(tree: DraftTree, p: torch.Tensor, q: torch.Tensor, gen: torch.G
             return path, int(torch.multinomial(dist, 1, generator=gen))
 
 
-def greedy_path(tree: DraftTree, target: list[int]) -> list[int]:
-    """The accepted root-to-node path of a greedy verification. target[j]: the target's argmax after chunk
-    row j (row 0: the root, row 1 + i: node i). From the root, step into the child whose token is the
-    target's argmax at the current node (the first such child), while there is one."""
+def greedy_path(tokens: list[int], parents: list[int], target: list[int]) -> list[int]:
+    """The accepted root-to-node path of a greedy verification of the tree (tokens, parents) - a DraftTree's, or a
+    chain's: parents [-1, 0, 1, ...] (lmforge.infer.acceptance.ExactAcceptance: one greedy matching for both).
+    target[j]: the target's argmax after chunk row j (row 0: the root, row 1 + i: node i). From the root, step
+    into the child whose token is the target's argmax at the current node (the first such child), while there
+    is one."""
     child = {}
-    for i, (tok, p) in enumerate(zip(tree.tokens, tree.parents)):
+    for i, (tok, p) in enumerate(zip(tokens, parents)):
         child.setdefault((p, tok), i)
     path, node = [], -1
     while (node := child.get((node, target[node + 1]))) is not None:

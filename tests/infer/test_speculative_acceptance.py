@@ -16,7 +16,7 @@ from lmforge.infer.detok import IdTokenizer
 from lmforge.infer.engine import Engine
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
-from lmforge.infer.acceptance import EXACT, TypicalAcceptance
+from lmforge.infer.acceptance import EXACT, TypicalAcceptance, verify
 from lmforge.infer.token_tree import DraftTree, TreeDrafter, greedy_path
 
 
@@ -80,7 +80,25 @@ def test_typical_tree_keeps_the_longest_accepted_path_ties_to_the_likelier():
     # one-hot p (a greedy request) with distinct siblings: the path greedy matching walks
     one_hot = torch.nn.functional.one_hot(p.argmax(-1), 4).float()
     tree = DraftTree([0, 1, 0, 0], [-1, -1, 0, 1])
-    assert rule.tree(tree, one_hot, None, True, None)[0] == greedy_path(tree, one_hot.argmax(-1).tolist()) == [0, 2]
+    want = greedy_path(tree.tokens, tree.parents, one_hot.argmax(-1).tolist())
+    assert rule.tree(tree, one_hot, None, True, None)[0] == want == [0, 2]
+
+
+def test_exact_greedy_chain_keeps_what_the_rejection_test_it_replaced_kept():
+    """A greedy chain is verified by greedy matching (`greedy_path`, as a greedy tree is), no longer by verify() over
+    a one-hot q built for each step: on random inputs - drafts partly the target's argmax, q None (a one-hot of the
+    drafts was built) or a drafter's distribution - it keeps the drafts and emits the token verify() did."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        k, V = int(torch.randint(0, 6, (1,), generator=g)), 7
+        p = torch.nn.functional.one_hot(torch.randn(k + 1, V, generator=g).argmax(-1), V).float()  # greedy: one-hot
+        target = p.argmax(-1).tolist()
+        drafts = [target[i] if torch.rand((), generator=g) < 0.7 else int(torch.randint(V, (1,), generator=g))
+                  for i in range(k)]
+        q = None if trial % 2 else torch.softmax(3 * torch.randn(k, V, generator=g), -1)
+        shown = torch.nn.functional.one_hot(torch.tensor(drafts, dtype=torch.long), V).float() if q is None else q
+        before = verify(p, shown if drafts else p[:0], drafts, torch.Generator().manual_seed(trial))
+        assert EXACT.chain(p, q, drafts, True, None) == before, (p, drafts, q)
 
 
 @pytest.mark.parametrize("bad, match", [

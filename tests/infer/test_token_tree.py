@@ -110,10 +110,10 @@ def test_runner_scores_a_tree_chunk_beside_decodes_and_chains_then_compacts_it(n
 def test_greedy_path_and_tree_checks():
     tree = DraftTree([11, 23, 8, 40, 2, 77, 31], PARENTS)  # 0 -> {1 -> {3, 4}, 2 -> 5 -> 6}
     # rows: the root, then node i at 1 + i; the target's argmax at each: 11 (node 0), 8 (node 2), 77, 31
-    assert greedy_path(tree, [11, 8, 0, 77, 0, 0, 31, 5]) == PATH == [0, 2, 5, 6]
-    assert greedy_path(tree, [11, 23, 0, 0, 0, 0, 0, 0]) == [0, 1]
-    assert greedy_path(tree, [11, 40, 0, 0, 0, 0, 0, 0]) == [0]  # node 0's children are 23 and 8
-    assert greedy_path(tree, [99] * 8) == []
+    assert greedy_path(tree.tokens, tree.parents, [11, 8, 0, 77, 0, 0, 31, 5]) == PATH == [0, 2, 5, 6]
+    assert greedy_path(tree.tokens, tree.parents, [11, 23, 0, 0, 0, 0, 0, 0]) == [0, 1]
+    assert greedy_path(tree.tokens, tree.parents, [11, 40, 0, 0, 0, 0, 0, 0]) == [0]  # node 0's children: 23, 8
+    assert greedy_path(tree.tokens, tree.parents, [99] * 8) == []
     assert tree.first(3) == DraftTree([11, 23, 8], [-1, 0, 0]) and tree.chunk_parents()[:4] == [-1, 0, 1, 1]
     with pytest.raises(ValueError, match="token 1 has parent 2"):
         DraftTree([1, 2, 3], [-1, 2, 0])

@@ -52,6 +52,7 @@ from lmforge.kernels import decode as kd
 from lmforge.kernels import decode_layer as dl
 from lmforge.kernels import paged_attention as pa
 from lmforge.kernels.tuning import KernelConfigs, cache_path, coordinate_descent, gpu_name
+from lmforge.model.surgery import module_at
 from lmforge.utils import capture_cuda_graph, compute_dtype
 
 
@@ -108,8 +109,7 @@ def _not_bare_weight(model) -> str | None:
                                       for part in ("attn.wqkv", "attn.wq", "attn.wk", "attn.wv", "attn.wo",
                                                    "mlp.gate_up", "mlp.gate", "mlp.up", "mlp.down")]
     for name in names:
-        parent, _, attr = name.rpartition(".")
-        module = getattr(model.get_submodule(parent) if parent else model, attr, None)
+        module = module_at(model, name)  # (None: a layer this model has not: wq where wqkv is fused, or wqkv)
         if module is None:
             continue
         kind = nn.Embedding if name == "tok_emb" else nn.Linear

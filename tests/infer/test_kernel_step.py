@@ -362,6 +362,10 @@ def test_quantized_layers_and_weights_are_refused_with_the_reason():
     w = codes.blocks[0].attn.wv.weight
     codes.blocks[0].attn.wv.weight = nn.Parameter(torch.round(w.detach() * 100).to(torch.int8), requires_grad=False)
     assert "blocks.0.attn.wv.weight stored as torch.int8, not the model's torch.float32" in unsupported(codes)
+    fused = copy.deepcopy(base).fuse_projections()  # wqkv and gate_up read, wq .. up absent (module_at: None)
+    assert unsupported(fused) is None
+    fused.blocks[1].mlp.gate_up = Int8Linear(fused.blocks[1].mlp.gate_up)
+    assert "blocks.1.mlp.gate_up is a Int8Linear, not a plain nn.Linear" in unsupported(fused)
     emb = copy.deepcopy(base)
     emb.tok_emb = ScaledEmbedding(257, 64)
     assert "tok_emb is a ScaledEmbedding, not a plain nn.Embedding" in unsupported(emb)

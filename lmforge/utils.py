@@ -13,7 +13,7 @@ import secrets
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 from lmforge.errors import ConfigError, LmforgeError
 
@@ -162,23 +162,51 @@ def file_stamps(paths: Iterable[str | Path]) -> tuple[tuple[str, int, int], ...]
     return tuple(out)
 
 
-def once_per_file(load: Callable[[str], T]) -> Callable[[str | Path], T]:
-    """`load` cached for the process, one entry per file however it is named: the key is the resolved path, so a
-    relative and an absolute name, `./x` or a symlink read the file once (cached by the name as written, a
-    pipeline's check and its stages, or two stages naming one model two ways, each loaded and held their own copy);
-    `load` gets the name as the caller wrote it (its errors and the model's path name what the user typed).
-    Unbounded: a pipeline's models are a fixed set every shard uses (`fasttext_model.load_fasttext`). `cache_clear`
-    and `cache_info` are functools.lru_cache's."""
-    names: dict[str, str] = {}
-    cached = functools.lru_cache(maxsize=None)(lambda key: load(names[key]))
+class CacheInfo(NamedTuple):
+    """What `once_per_file`'s `cache_info()` gives (functools.lru_cache's fields)."""
+
+    hits: int
+    misses: int
+    maxsize: int | None
+    currsize: int
+
+
+def once_per_file(load: Callable[..., T] | None = None, *, files_of: Callable[..., Iterable[str | Path]] | None = None):
+    """`load(name, *args)` cached for the process while the files `name` stands for stay as they are: one entry per
+    (resolved name, args), holding `file_stamps(files_of(name, *args))` (default: the file `name` itself) beside what
+    was loaded, and loaded again, replacing it, when those stamps change (a fastText model retrained over its file, a
+    tokenizer saved again: keyed on the path alone, the old contents were given for the rest of the process). A
+    relative and an absolute name, `./x` or a symlink are one entry (each name held its own copy of a multi-GB model);
+    `load` gets the name as the caller wrote it (its errors name what the user typed). A name that stands for no file
+    ("byte", "pkg.mod:factory") is loaded once. Bounded by the names used: a pipeline's models are a fixed set every
+    shard uses (a cache of 4 met 5 fastText stages in a cycle and read every model again for every shard).
+    `cache_clear` frees them (`pipeline.release_checked_models`); `cache_info` counts as functools.lru_cache's.
+    Use as `@once_per_file` or `@once_per_file(files_of=...)`."""
+    if load is None:
+        return functools.partial(once_per_file, files_of=files_of)
+    held: dict[tuple, tuple[tuple, T]] = {}
+    counts = [0, 0]  # hits, misses
 
     @functools.wraps(load)
-    def by_file(path: str | Path) -> T:
-        key = str(Path(path).resolve())
-        names[key] = str(path)  # (read only when the file is loaded)
-        return cached(key)
+    def by_file(name, *args) -> T:
+        names = [name] if isinstance(name, (str, Path)) else list(name)  # (a tuple of paths: decontam's eval_paths)
+        key = (tuple(str(Path(n).resolve()) for n in names), *args)
+        stamps = file_stamps(files_of(name, *args) if files_of is not None else names)
+        entry = held.get(key)
+        if entry is not None and entry[0] == stamps:
+            counts[0] += 1
+            return entry[1]
+        counts[1] += 1
+        held.pop(key, None)  # (the old contents go before the new are read: one copy of a large model at a time)
+        held[key] = entry = (stamps, load(str(name) if isinstance(name, Path) else name, *args))
+        return entry[1]
 
-    by_file.cache_clear, by_file.cache_info = cached.cache_clear, cached.cache_info
+    def cache_clear() -> None:
+        held.clear()
+        counts[:] = [0, 0]
+
+    by_file.cache_clear = cache_clear
+    by_file.cache_info = lambda: CacheInfo(counts[0], counts[1], None, len(held))
     return by_file
 
 

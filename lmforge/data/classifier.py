@@ -181,10 +181,16 @@ class QualityConfig:
         check(0.0 <= self.threshold <= 1.0, f"quality.threshold must be in [0, 1], got {self.threshold}")
 
 
-@once_per_file
+def classifier_files(directory: str) -> list[Path]:
+    """The files a classifier directory is read from (`HashedNgramClassifier.save`)."""
+    return [Path(directory) / FILE_NAME, Path(directory) / CONFIG_NAME]
+
+
+@once_per_file(files_of=classifier_files)
 def load_classifier(directory: str) -> HashedNgramClassifier:
-    """A classifier per directory, loaded once per process however its path is written; unbounded for the reason
-    `load_fasttext` is (3 quality stages against a cache of 2 read every classifier again for every shard)."""
+    """A classifier per directory, loaded once per process however its path is written, and again when its files
+    are rewritten (a classifier retrained into the same directory); held per directory for the reason `load_fasttext`
+    is (3 quality stages against a cache of 2 read every classifier again for every shard)."""
     return HashedNgramClassifier.load(directory)
 
 

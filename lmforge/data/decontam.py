@@ -23,7 +23,6 @@ decontamination that silently matches nothing would pass contaminated data as cl
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import re
@@ -39,7 +38,7 @@ from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
 from lmforge.data.readers import ARCHIVE_ERRORS, decode_text, open_binary, uncompressed_name
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError, warn_caller
-from lmforge.utils import file_stamps, input_files
+from lmforge.utils import input_files, once_per_file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,19 +204,23 @@ def check_decontam(cfg: DecontamConfig) -> None:
 
 def eval_ngrams(paths: tuple[str, ...], n: int) -> np.ndarray:
     """Sorted distinct uint64 hashes of every n-gram of every evaluation item with >= n words. Memoised on the files
-    the paths name now, with their resolved names, sizes and times (utils.file_stamps): keyed on the paths alone, a
-    benchmark file added to an eval directory (or one edited) was ignored by every later call in the process (a
-    notebook's second run), and keyed on relative names another checkout's eval set of one size and time was the
-    first's. The folders are listed on every call, so a file added later is seen (~25 ms a batch for 200 files)."""
-    stamps = tuple((str(f), *stamp) for f in eval_files(paths)[0] for stamp in file_stamps([f]))
-    return _eval_ngrams(paths, stamps, n)
+    the paths name now (utils.once_per_file over `eval_files`' stamps: resolved names, sizes, times): keyed on the
+    paths alone, a benchmark file added to an eval directory (or one edited) was ignored by every later call in the
+    process (a notebook's second run), and keyed on relative names another checkout's eval set of one size and time
+    was the first's. The folders are listed on every call, so a file added later is seen (~25 ms a batch for 200
+    files); within a pipeline run the set is fixed (`pipeline.check_stage_files`: a file added or edited mid-run fails
+    the run, which records the files it used in pipeline.json)."""
+    return _eval_ngrams(tuple(paths), n)
 
 
-@functools.lru_cache(maxsize=4)
-def _eval_ngrams(paths: tuple[str, ...], stamps: tuple[tuple[str, str, int, int], ...], n: int) -> np.ndarray:
-    """`eval_ngrams` of the files `stamps` gives: (as listed, resolved, size, mtime_ns)."""
+def _eval_files(paths: tuple[str, ...], n: int) -> list[Path]:
+    return eval_files(paths)[0]
+
+
+@once_per_file(files_of=_eval_files)
+def _eval_ngrams(paths: tuple[str, ...], n: int) -> np.ndarray:
     chunks = []
-    files = [Path(f) for f, *_ in stamps]
+    files = eval_files(paths)[0]
     for f in files:
         for item in _items(f):
             words = normalize_words(item)

@@ -364,7 +364,8 @@ class FastTextModel:
 @once_per_file
 def load_fasttext(path: str) -> FastTextModel:
     """A model per file, loaded once per process however its path is written (the stages call this for every
-    batch). Unbounded: a pipeline's models are a fixed set its every shard uses, and a cache of 4 met 5 fastText
+    batch), and again when the file is rewritten (a model retrained over it: utils.once_per_file). One per file: a
+    pipeline's models are a fixed set its every shard uses, and a cache of 4 met 5 fastText
     stages in a cycle, so each batch missed and a worker read every model again for every shard. The executors free
     the parent's copies before workers start (`pipeline.release_checked_models`); `load_fasttext.cache_clear()`
     frees them elsewhere."""

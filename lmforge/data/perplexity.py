@@ -10,7 +10,6 @@ checkpoint directory loaded with `lmforge.Transformer.from_pretrained` and the t
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 from lmforge.errors import ConfigError
+from lmforge.utils import once_per_file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,10 +47,26 @@ class PerplexityConfig:
         check(self.head_max <= self.middle_max, "perplexity.head_max must be <= middle_max")
 
 
-@functools.lru_cache(maxsize=None)  # a pipeline's scorers are a fixed set (3 perplexity stages cycled 2 entries)
+def scorer_files(spec: str, tokenizer: str = "") -> list[Path]:
+    """The local files a scorer is read from: none for a "module:factory" spec; a checkpoint directory's config,
+    weights and tokenizer files (present or not: one that appears changes the key)."""
+    if _factory_spec(spec):
+        return []
+    from lmforge.tokenizer.load import tokenizer_files
+
+    d = Path(spec)
+    return [d / "config.json", d / "model.safetensors.index.json", *sorted(d.glob("*.safetensors")),
+            *tokenizer_files(tokenizer or spec)]
+
+
+def _factory_spec(spec: str) -> bool:
+    return ":" in spec and not Path(spec).exists()
+
+
+@once_per_file(files_of=scorer_files)  # per spec, read again when a checkpoint directory's files are rewritten
 def load_scorer(spec: str, tokenizer: str = "") -> tuple[Any, Any]:
-    """(model, tokenizer) from a spec (cached per process)."""
-    if ":" in spec and not Path(spec).exists():
+    """(model, tokenizer) from a spec (cached per process: utils.once_per_file)."""
+    if _factory_spec(spec):
         mod, _, name = spec.partition(":")
         try:
             factory = getattr(importlib.import_module(mod), name)

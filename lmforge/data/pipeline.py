@@ -214,18 +214,17 @@ def check_stages(cfg: PipelineConfig) -> None:
 
 def release_checked_models() -> None:
     """Forget the models `check_stages` loaded in this process (fastText files, classifier directories, decontam's
-    eval n-gram tables, the tokenize stage's tokenizer) before the stages run in worker processes, which load their
-    own: the parent held a copy for the whole run, one more multi-GB model (DCLM's fastText) beside the workers'. A
-    run in this process (workers = 1) keeps them."""
+    eval n-gram tables, the tokenize stage's tokenizer, perplexity's scoring models) before the stages run in worker
+    processes, which load their own: the parent held a copy for the whole run, one more multi-GB model (DCLM's
+    fastText) beside the workers'. A run in this process (workers = 1) keeps them."""
     from lmforge.data.classifier import load_classifier
     from lmforge.data.decontam import _eval_ngrams
     from lmforge.data.fasttext_model import load_fasttext
-    from lmforge.data.tokenize import _TOKENIZERS
+    from lmforge.data.perplexity import load_scorer
+    from lmforge.data.tokenize import _tokenizer
 
-    load_fasttext.cache_clear()
-    load_classifier.cache_clear()
-    _eval_ngrams.cache_clear()
-    _TOKENIZERS.clear()
+    for cache in (load_fasttext, load_classifier, _eval_ngrams, _tokenizer, load_scorer):
+        cache.cache_clear()
 
 
 def input_fingerprint(shards: dict[str, list[Path]]) -> list[list]:

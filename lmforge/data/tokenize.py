@@ -17,7 +17,7 @@ from lmforge.data.shards import TokenShardWriter
 from lmforge.data.stage import StageContext, reject_error
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.byte import FILE_NAME
-from lmforge.utils import file_stamps, temp_name, write_json_atomic
+from lmforge.utils import once_per_file, temp_name, write_json_atomic
 
 # the folder of the stage's workdir (output.dir) where each token shard is recorded before it is written: the token
 # directory may lie outside output.dir beside other corpora's shards, so --restart removes exactly the files named
@@ -53,23 +53,22 @@ class TokenizeConfig:
         return Path(workdir) / self.out_dir  # an absolute out_dir stays as it is
 
 
-_TOKENIZERS: dict[str, tuple[tuple, Any]] = {}
-"""spec -> (the stamps of the files it is read from, the tokenizer): one entry per spec, unbounded (a pipeline's
-tokenizers are a fixed set: a bound of 2 re-read them per batch), replaced when the files change"""
+def _tokenizer_files(spec: str) -> list[Path]:
+    from lmforge.tokenizer.load import tokenizer_files
+
+    return tokenizer_files(spec)
 
 
+@once_per_file(files_of=_tokenizer_files)
 def _tokenizer(spec: str) -> Any:
-    """The tokenizer of `spec`, loaded once per process while the files it is read from stay as they are: keyed on
-    their resolved paths, sizes and mtimes (tokenizer_files), as keyed on the spec alone a tokenizer file rewritten
-    in the process (a notebook's retrained tokenizer) was never read again, its shards written with the old ids.
-    The executors free the parent's before workers start (`pipeline.release_checked_models`)."""
-    from lmforge.tokenizer.load import load_tokenizer, tokenizer_files
+    """The tokenizer of `spec`, loaded once per process while the files it is read from stay as they are
+    (utils.once_per_file, keyed on tokenizer_files' stamps): keyed on the spec alone, a tokenizer file rewritten in
+    the process (a notebook's retrained tokenizer) was never read again, its shards written with the old ids. Within
+    a pipeline run those files are fixed (`pipeline.check_stage_files`: one tokenizer for every shard of a run). The
+    executors free the parent's before workers start (`pipeline.release_checked_models`)."""
+    from lmforge.tokenizer.load import load_tokenizer
 
-    stamps = file_stamps(tokenizer_files(spec))
-    held = _TOKENIZERS.get(spec)
-    if held is None or held[0] != stamps:
-        _TOKENIZERS[spec] = held = (stamps, load_tokenizer(spec))
-    return held[1]
+    return load_tokenizer(spec)
 
 
 def doc_separator(cfg: TokenizeConfig) -> int | None:

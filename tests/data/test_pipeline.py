@@ -359,7 +359,7 @@ def test_a_run_in_worker_processes_frees_the_tokenizer_its_check_loaded(tmp_path
     processes freed the checked fastText models but kept that tokenizer (a large HF vocabulary) for the whole run.
     The workers load their own and still write the right tokens."""
     from lmforge.data import executor
-    from lmforge.data.tokenize import _TOKENIZERS
+    from lmforge.data.tokenize import _tokenizer
     from lmforge.tokenizer.load import load_tokenizer
 
     texts = ["first document here", "second one, caf\u00e9"]
@@ -368,11 +368,11 @@ def test_a_run_in_worker_processes_frees_the_tokenizer_its_check_loaded(tmp_path
         (tmp_path / "in" / f"{i}.jsonl").write_text(json.dumps({"id": str(i), "text": t}) + "\n")
     held = []
     real = executor.process_pool
-    monkeypatch.setattr(executor, "process_pool", lambda *a, **k: held.append(len(_TOKENIZERS))
+    monkeypatch.setattr(executor, "process_pool", lambda *a, **k: held.append(_tokenizer.cache_info().currsize)
                         or real(*a, **k))
     p = _write_pipeline(tmp_path, f'paths = ["{tmp_path / "in"}"]', '[[stages]]\nstage = "tokenize"\n',
                         extra="workers = 2\nprogress = false")
-    _TOKENIZERS.clear()
+    _tokenizer.cache_clear()
     run_local(load_pipeline(p))
     assert held == [0]  # the pool started with no tokenizer held here
     tok = load_tokenizer("byte")

@@ -78,3 +78,97 @@ def test_the_tokenize_stage_keeps_its_tokenizer_while_files_are_written_beside_i
         time.sleep(0.01)  # (a folder time that differs between batches on a coarse clock)
         tokenize(cfg, [Document(id="a", text="the cat")], StageContext(workdir=tmp_path, shard=f"shard-{i:05d}"))
     assert len(list((tmp_path / "tokens").glob("shard-*.bin"))) == 3 and len(loads) == 1
+
+
+def _replace(src, dst) -> None:
+    """Copy src over dst as a retraining script saves a model (a new file renamed onto the old one), with a later
+    time (a coarse clock gives two saves one time otherwise)."""
+    import shutil
+
+    shutil.copyfile(src, dst)
+    t = os.stat(dst).st_mtime_ns + 10**9
+    os.utime(dst, ns=(t, t))
+
+
+def test_a_fasttext_model_rewritten_in_the_process_is_read_again(tmp_path):
+    """load_fasttext was keyed on the resolved path alone: a model retrained over its file between two pipeline runs
+    in one process (a notebook) was never read again, and the second run scored with the old model."""
+    from pathlib import Path
+
+    from lmforge.data.fasttext_model import load_fasttext
+
+    load_fasttext.cache_clear()  # (what other tests loaded)
+    fixtures = Path(__file__).parent / "fasttext"
+    path = tmp_path / "model.bin"
+    _replace(fixtures / "softmax.bin", path)
+    assert load_fasttext(str(path)).args.loss == "softmax"
+    _replace(fixtures / "hs.bin", path)
+    assert load_fasttext(str(path)).args.loss == "hs"
+    assert load_fasttext(f"{tmp_path}/./model.bin").args.loss == "hs"  # another name of the file: the same entry
+    info = load_fasttext.cache_info()
+    assert (info.misses, info.hits) == (2, 1) and info.currsize == 1  # the old model replaced, not kept beside
+
+
+def test_a_classifier_retrained_into_its_directory_is_read_again(tmp_path):
+    from lmforge.data.classifier import ClassifierConfig, load_classifier, train_classifier
+
+    load_classifier.cache_clear()
+    out = tmp_path / "clf"
+    cfg = ClassifierConfig(buckets=1 << 10, epochs=1)
+    train_classifier(["good text here"] * 4, ["bad text"] * 4, cfg).save(out)
+    first = load_classifier(str(out)).emb.copy()
+    train_classifier(["other good"] * 4, ["other bad words"] * 4, ClassifierConfig(buckets=1 << 11, epochs=1)).save(out)
+    for f in out.iterdir():  # (a later time, as a real retraining minutes later)
+        t = os.stat(f).st_mtime_ns + 10**9
+        os.utime(f, ns=(t, t))
+    assert first.shape[0] == 1 << 10 and load_classifier(str(out)).emb.shape[0] == 1 << 11
+    assert load_classifier.cache_info().currsize == 1
+
+
+def test_a_perplexity_checkpoint_rewritten_in_the_process_is_read_again(tmp_path):
+    """load_scorer was an lru_cache on its spec string: a local checkpoint directory saved again was never re-read."""
+    import lmforge as lf
+    from lmforge.data.perplexity import load_scorer
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    def save(seed: int):
+        import torch
+
+        torch.manual_seed(seed)
+        cfg = lf.ModelConfig.preset("llama-tiny", vocab_size=257, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                    max_seq_len=64)
+        model = lf.Transformer(cfg)
+        model.save_pretrained(tmp_path)
+        for f in tmp_path.iterdir():
+            t = os.stat(f).st_mtime_ns + seed * 10**9
+            os.utime(f, ns=(t, t))
+        return model
+
+    load_scorer.cache_clear()
+    ByteTokenizer().save(tmp_path)
+    first = save(1)
+    got = load_scorer(str(tmp_path))[0]
+    assert all((a == b).all() for a, b in zip(got.state_dict().values(), first.state_dict().values()))
+    second = save(2)
+    got = load_scorer(str(tmp_path))[0]
+    assert all((a == b).all() for a, b in zip(got.state_dict().values(), second.state_dict().values()))
+    assert load_scorer.cache_info().currsize == 1
+    load_scorer.cache_clear()
+
+
+def test_once_per_file_keys_on_the_files_a_name_stands_for(tmp_path):
+    from lmforge.utils import once_per_file
+
+    (tmp_path / "d").mkdir()
+    _write(tmp_path / "d" / "a.txt", "one")
+    loads = []
+
+    @once_per_file(files_of=lambda name, suffix: [tmp_path / name / "a.txt"])
+    def load(name, suffix):
+        loads.append(name)
+        return (tmp_path / name / "a.txt").read_text() + suffix
+
+    assert load("d", "!") == "one!" and load("d", "!") == "one!" and loads == ["d"]
+    _write(tmp_path / "d" / "a.txt", "two", OLD_NS + 10**9)
+    assert load("d", "!") == "two!" and loads == ["d", "d"] and load.cache_info().currsize == 1
+    assert load("d", "?") == "two?" and load.cache_info().currsize == 2  # the other args: another entry

@@ -198,14 +198,28 @@ def quality_model(cfg: QualityConfig) -> HashedNgramClassifier | tuple[FastTextM
     """The classifier `model` names: a fastText model with its name of `label`, or a classifier directory (`model`
     naming one of its files means the directory: it was read as a fastText model, rejecting every document). A
     one-line DataError when it does not load; the stage's check (`StageSpec.check`) before a run."""
+    fasttext, path = _quality_model_path(cfg)
+    if fasttext:
+        return fasttext_stages.label_model(cfg.model, cfg.label, "quality")
+    try:
+        return load_classifier(path)
+    except DataError as e:
+        raise DataError(f"quality.model: {e}") from None
+
+
+def _quality_model_path(cfg: QualityConfig) -> tuple[bool, str]:
+    """(whether `model` is a fastText file, the file or classifier directory it names)."""
     path = Path(cfg.model)
     ours = path.name in (FILE_NAME, CONFIG_NAME)
     if not ours and (path.suffix.lower() in (".bin", ".ftz") or path.is_file()):
-        return fasttext_stages.label_model(cfg.model, cfg.label, "quality")
-    try:
-        return load_classifier(str(path.parent) if ours else cfg.model)
-    except DataError as e:
-        raise DataError(f"quality.model: {e}") from None
+        return True, cfg.model
+    return False, str(path.parent) if ours else cfg.model
+
+
+def quality_files(cfg: QualityConfig) -> list[Path]:
+    """What the stage reads (StageSpec.reads): the fastText file, or the classifier directory's files."""
+    fasttext, path = _quality_model_path(cfg)
+    return [Path(path)] if fasttext else classifier_files(path)
 
 
 def quality(cfg: QualityConfig, docs: list[Document], ctx: StageContext) -> list[Document]:

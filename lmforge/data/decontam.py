@@ -213,6 +213,11 @@ def eval_ngrams(paths: tuple[str, ...], n: int) -> np.ndarray:
     return _eval_ngrams(tuple(paths), n)
 
 
+def decontam_files(cfg: DecontamConfig) -> list[Path]:
+    """What the stage reads (StageSpec.reads): the eval files its paths name now."""
+    return eval_files(tuple(cfg.eval_paths))[0]
+
+
 def _eval_files(paths: tuple[str, ...], n: int) -> list[Path]:
     return eval_files(paths)[0]
 

@@ -1,7 +1,8 @@
 """The local executor: runs a pipeline's phases over shards with a multiprocessing pool.
 
 Run directory layout (output.dir):
-    pipeline.json                      the resolved pipeline (a rerun with another pipeline is refused)
+    pipeline.json                      the resolved pipeline, its inputs and the files its stages read (a
+                                       rerun with another pipeline, changed inputs or changed files is refused)
     data/<shard>.<fmt>                 kept documents
     rejected/p<phase>-<shard>.jsonl    rejected documents: id, metadata, drop reason
     _work/p<phase>/<shard>.jsonl       documents between phases (deleted when the run completes)
@@ -13,7 +14,10 @@ and in the tokenize stage's out_dir (wherever it lies) .lmforge-owner.json, nami
 writes its token shards there (a run with another output.dir is refused: `check_token_dirs`).
 
 A shard whose marker exists is skipped, so a killed run resumes where it stopped; markers are written
-(atomically) only after the shard's outputs are in place.
+(atomically) only after the shard's outputs are in place. The files the stages read (a tokenizer, models, decontam's
+eval files: `StageSpec.reads`) are fixed at the run's start: one changed while the run goes on fails it before the
+shard in hand gets its marker (`pipeline.check_stage_files`), so one run's shards never mix two tokenizers or eval
+sets.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any
 from lmforge.data.accounting import (apply_stage, balance, duplicate_ids, merge_stats, read_stage, record_outcome,
                                      stage_record)
 from lmforge.data.document import Document, stable_id
-from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs, release_checked_models
+from lmforge.data.pipeline import (PipelineConfig, check_stage_files, make_shards, phases, read_inputs,
+                                   release_checked_models, stage_labels)
 from lmforge.data.readers import read_documents
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
@@ -58,11 +63,6 @@ class RunLayout:
         return self.root / "rejected" / f"p{p}-{shard}.jsonl"
 
 
-def stage_labels(cfg: PipelineConfig) -> list[str]:
-    names = [t.get("stage", "?") for t in cfg.stages]
-    return [n if names.count(n) == 1 else f"{n}[{i}]" for i, n in enumerate(names)]
-
-
 def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path]
                 ) -> tuple[list[Document], list[Document], list[dict[str, Any]]]:
     """(live docs, rejected at read, stage records) entering phase p for one shard."""
@@ -82,9 +82,12 @@ def _finish_shard(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, li
     return stats
 
 
-def run_map_shard(cfg: PipelineConfig, p: int, shard: str, files: list[Path]) -> dict[str, Any]:
-    """One shard through one map phase (runs in a worker process)."""
+def run_map_shard(cfg: PipelineConfig, p: int, shard: str, files: list[Path],
+                  fixed: dict[str, list[list]] | None = None) -> dict[str, Any]:
+    """One shard through one map phase (runs in a worker process). `fixed`: the files the stages read, as the run
+    found them at its start (`pipeline.stage_files`), checked before the shard and before its marker is written."""
     layout = RunLayout(cfg)
+    check_stage_files(cfg, fixed, layout.root)
     stages = phases(cfg.built_stages())[p]
     labels = stage_labels(cfg)
     first = sum(len(ph) for ph in phases(cfg.built_stages())[:p])
@@ -95,6 +98,7 @@ def run_map_shard(cfg: PipelineConfig, p: int, shard: str, files: list[Path]) ->
         rec["name"] = labels[first + k]
         dropped += gone
         records.append(rec)
+    check_stage_files(cfg, fixed, layout.root)
     return _finish_shard(cfg, layout, p, shard, live, dropped, records, ctx.counters)
 
 
@@ -109,8 +113,10 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]]) -> list[dict[str, Any]]:
-    """A corpus-wide stage over every shard's documents at once; outputs keep the shard split."""
+def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]],
+                     fixed: dict[str, list[list]] | None = None) -> list[dict[str, Any]]:
+    """A corpus-wide stage over every shard's documents at once; outputs keep the shard split. `fixed`: as
+    run_map_shard's, checked before the markers are written."""
     layout = RunLayout(cfg)
     (spec, scfg), = phases(cfg.built_stages())[p]
     label = stage_labels(cfg)[sum(len(ph) for ph in phases(cfg.built_stages())[:p])]
@@ -128,6 +134,7 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
     t0 = time.perf_counter()
     out = spec.fn(scfg, all_live, ctx) if all_live else []
     seconds = time.perf_counter() - t0
+    check_stage_files(cfg, fixed, layout.root)
     mine: dict[str, list[Document]] = {s: [] for s in per_shard}
     names = sorted(per_shard)
     for d in out:  # a document the stage added has no owner: a hash of its id picks one, the same every run
@@ -236,12 +243,16 @@ def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
     return json.loads(json.dumps(mine))
 
 
-def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list[Path]]:
+def _check_run_dir(cfg: PipelineConfig, restart: bool = False
+                   ) -> tuple[dict[str, list[Path]], dict[str, list[list]]]:
     """Check that output.dir and the token directory can be written (`check_token_dirs`), the optional packages
     the pipeline needs, each stage's own check (`check_stages`: its model files and labels), then that output.dir
     holds nothing or an earlier run of this pipeline on these same inputs (names, sizes, modification times);
-    `restart` empties the directory of an earlier run first (`run_entries` only). Returns the shards."""
-    from lmforge.data.pipeline import check_requirements, check_stages, describe_changes, input_fingerprint
+    `restart` empties the directory of an earlier run first (`run_entries` only). The files the stages read
+    (`stage_files`: a tokenizer, models, eval files) are fixed for the run and kept in pipeline.json; a resumed run
+    whose files changed is refused (its shards so far used the old ones). Returns (the shards, those files)."""
+    from lmforge.data.pipeline import (check_requirements, check_stages, describe_changes, input_fingerprint,
+                                       stage_files)
 
     root = check_output_path(cfg.output.dir, "output.dir", flag="--output")
     check_token_dirs(cfg)
@@ -250,6 +261,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
     files = [f for fs in shards.values() for f in fs]
     check_requirements(cfg, files)
     check_stages(cfg)
+    fixed = stage_files(cfg)
     inside = [f for f in files if f.resolve().is_relative_to(root.resolve())]
     if inside:
         raise ConfigError(f"input {inside[0]} lies inside output.dir {root}: a run writes (and --restart removes) "
@@ -270,6 +282,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
     if saved.is_file():
         old = _saved_identity(json.loads(saved.read_text()), cfg)
         old_inputs = old.pop("inputs", None)
+        old_files = old.pop("stage_files", None)  # (none from lmforge before 2026-12-07)
         if old != mine:
             raise ConfigError(f"{root} holds a run of a different pipeline; choose a new output.dir, or rerun "
                               f"with --restart to replace it")
@@ -277,18 +290,23 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
         if changes:
             raise ConfigError(f"the inputs changed since the run in {root} was made: {changes}; rerun with "
                               f"--restart to redo it from scratch, or choose a new output.dir")
-    write_json_atomic(saved, {**mine, "inputs": inputs})
-    return shards
+        for label, files in (old_files or {}).items():
+            if changes := describe_changes(files, fixed.get(label, [])):
+                raise ConfigError(f"the files stage '{label}' reads changed since the run in {root} was made: "
+                                  f"{changes}; its shards so far used the old ones: rerun with --restart to redo it "
+                                  f"with the new ones, or put the old ones back to resume")
+    write_json_atomic(saved, {**mine, "inputs": inputs, "stage_files": fixed})
+    return shards, fixed
 
 
 def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], done: dict[str, dict],
-                   desc: str) -> dict[str, dict]:
+                   desc: str, fixed: dict[str, list[list]]) -> dict[str, dict]:
     """Run the shards of map phase p that have no marker yet, in a process pool; returns all stats."""
     from tqdm.auto import tqdm
 
     todo = [s for s in shards if s not in done]
     bar = tqdm(total=len(shards), initial=len(done), desc=desc, disable=not cfg.progress, unit="shard")
-    args = [(cfg, p, s, shards[s]) for s in todo]
+    args = [(cfg, p, s, shards[s], fixed) for s in todo]
     pool = None
     if cfg.workers == 1 or len(todo) == 1:
         results: Any = (run_map_shard(*a) for a in args)
@@ -330,7 +348,7 @@ def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
     A map phase resumes shard by shard; a global phase is all-or-nothing (it needs every document), so a
     run killed inside one redoes that phase. `restart` discards an earlier run in output.dir. A stage that rejected
     every document as an error fails the run once the report is written (`check_stage_errors`)."""
-    shards = _check_run_dir(cfg, restart)
+    shards, fixed = _check_run_dir(cfg, restart)
     layout = RunLayout(cfg)
     remove_stale_temps(_outputs(cfg, layout, list(shards)))
     all_stats: list[dict[str, Any]] = []
@@ -342,11 +360,11 @@ def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
             skipped += len(shards)
         elif phase and phase[0][0].kind == "global":
             processed += len(shards)
-            done = {st["shard"]: st for st in run_global_phase(cfg, p, shards)}
+            done = {st["shard"]: st for st in run_global_phase(cfg, p, shards, fixed)}
         else:
             skipped += len(done)
             processed += len(shards) - len(done)
-            done = _run_map_phase(cfg, p, shards, done, desc)
+            done = _run_map_phase(cfg, p, shards, done, desc, fixed)
         all_stats += [done[s] for s in shards]
         if p > 0:  # phase p is complete, also when an earlier run finished it: its input documents go
             for s in shards:

@@ -11,6 +11,8 @@ ended "balanced" with nothing kept, exit status 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
@@ -28,6 +30,11 @@ def load_model(path: str, stage: str) -> FastTextModel:
         return load_fasttext(path)
     except DataError as e:
         raise DataError(f"{stage}.model: {e}") from None
+
+
+def model_files(cfg: Any) -> list[Path]:
+    """What a fastText stage reads (StageSpec.reads): its `model` file, if it names one (langid's may be empty)."""
+    return [Path(cfg.model)] if cfg.model else []
 
 
 def one_line(text: str, max_chars: int) -> str:

@@ -59,6 +59,11 @@ def scorer_files(spec: str, tokenizer: str = "") -> list[Path]:
             *tokenizer_files(tokenizer or spec)]
 
 
+def perplexity_files(cfg: PerplexityConfig) -> list[Path]:
+    """What the stage reads (StageSpec.reads): its scorer's files."""
+    return scorer_files(cfg.model, cfg.tokenizer)
+
+
 def _factory_spec(spec: str) -> bool:
     return ":" in spec and not Path(spec).exists()
 

@@ -31,8 +31,8 @@ from lmforge.data.document import Document
 from lmforge.data.readers import FORMATS, compression, detect_format, read_documents, uncompressed_name
 from lmforge.data.stage import StageSpec
 from lmforge.data.writers import WRITE_FORMATS
-from lmforge.errors import ConfigError, LmforgeError
-from lmforge.utils import input_files
+from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.utils import file_stamps, input_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +225,40 @@ def release_checked_models() -> None:
 
     for cache in (load_fasttext, load_classifier, _eval_ngrams, _tokenizer, load_scorer):
         cache.cache_clear()
+
+
+def stage_labels(cfg: PipelineConfig) -> list[str]:
+    """Each stage's name in the report: its name, told apart by its place when two stages share it ("tokenize[3]")."""
+    names = [t.get("stage", "?") for t in cfg.stages]
+    return [n if names.count(n) == 1 else f"{n}[{i}]" for i, n in enumerate(names)]
+
+
+def stage_files(cfg: PipelineConfig) -> dict[str, list[list]]:
+    """{stage label: [[resolved path, size, mtime_ns], ...]} of the files each stage reads now (`StageSpec.reads`: a
+    tokenizer, a model, the eval files decontam's folders hold): what a run fixes at its start, keeps in pipeline.json
+    and checks before and after each shard (`check_stage_files`)."""
+    out = {}
+    for label, (spec, stage) in zip(stage_labels(cfg), cfg.built_stages()):
+        if spec.reads is not None:
+            out[label] = [list(stamp) for stamp in dict.fromkeys(file_stamps(spec.reads(stage)))]
+    return out
+
+
+def check_stage_files(cfg: PipelineConfig, fixed: dict[str, list[list]] | None, root: str | Path) -> None:
+    """Fail when a file a stage reads changed (was edited, added to an eval folder, removed) since the run in `root`
+    fixed them (`fixed`, from `stage_files` at its start; None: no check): the tokenize stage reloaded a rewritten
+    tokenizer (the cache follows the files), so one run's token shards mixed two tokenizers (each header names only
+    the spec), and decontam matched later shards against another n-gram set. The shard in hand gets no marker, so
+    nothing made with the new files counts as done."""
+    if fixed is None:
+        return
+    now = stage_files(cfg)
+    for label, files in fixed.items():
+        changes = describe_changes(files, now.get(label, []))
+        if changes:
+            raise DataError(f"the files stage '{label}' reads changed during the run in {root}: {changes}; its shards "
+                            f"so far used the old ones: put them back and rerun to resume, or rerun with --restart "
+                            f"to redo the run with the new ones")
 
 
 def input_fingerprint(shards: dict[str, list[Path]]) -> list[list]:

@@ -18,7 +18,8 @@ from typing import Any
 from lmforge.data.accounting import apply_stage, read_stage
 from lmforge.data.document import Document
 from lmforge.data.executor import _check_run_dir, build_report, check_stage_errors, run_entries, stage_labels
-from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs, release_checked_models
+from lmforge.data.pipeline import (PipelineConfig, check_stage_files, make_shards, phases, read_inputs,
+                                   release_checked_models)
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
 from lmforge.data.writers import _json_line, write_docs, write_jsonl
@@ -73,8 +74,8 @@ class _ReadShard:
 class _MapPhase:
     """map_batches: run one phase's map stages over a batch; dropped docs and stats rows pass through."""
 
-    def __init__(self, cfg: PipelineConfig, p: int):
-        self.cfg, self.p = cfg, p
+    def __init__(self, cfg: PipelineConfig, p: int, fixed: dict[str, list[list]] | None = None):
+        self.cfg, self.p, self.fixed = cfg, p, fixed  # fixed: the files the stages read (pipeline.stage_files)
         all_phases = phases(cfg.built_stages())
         self.stages = all_phases[p]
         first = sum(len(ph) for ph in all_phases[:p])
@@ -87,12 +88,14 @@ class _MapPhase:
         # a batch is no input shard, so its token shard gets a random name: the tokenize stage records each in
         # output.dir before writing it, and --restart removes those (`remove_token_files`)
         ctx = StageContext(shard=f"ray-{uuid.uuid4().hex[:12]}", workdir=Path(self.cfg.output.dir))
+        check_stage_files(self.cfg, self.fixed, ctx.workdir)
         dropped, records = [], []
         for (spec, scfg), label in zip(self.stages, self.labels):
             live, gone, rec = apply_stage(spec, scfg, live, ctx)
             rec["name"] = label
             dropped += gone
             records.append(rec)
+        check_stage_files(self.cfg, self.fixed, ctx.workdir)
         stats = stats_row({"phase": self.p, "stages": records, "counters": ctx.counters})
         return _table(passthrough + [doc_row(d) for d in live + dropped] + [stats])
 
@@ -153,7 +156,7 @@ def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -
     per-shard markers, so it cannot resume: an output.dir holding an earlier run's output is refused (every
     document would be written a second time beside it) unless `restart` removes that run first."""
     ray = require("ray", "ray")
-    _check_run_dir(cfg, restart)
+    _, fixed = _check_run_dir(cfg, restart)
     release_checked_models()  # Ray's workers load their own
     earlier = [e for e in run_entries(cfg) if e.is_dir() and e.name != "_work" and any(e.iterdir())]
     if earlier:
@@ -171,7 +174,7 @@ def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -
             if phase[0][0].kind == "global":
                 ds = _global_phase(ds, cfg, p)
             else:
-                ds = ds.map_batches(_MapPhase(cfg, p), batch_size=batch_size, batch_format="pyarrow")
+                ds = ds.map_batches(_MapPhase(cfg, p, fixed), batch_size=batch_size, batch_format="pyarrow")
         ds = ds.map_batches(_WriteBatch(cfg), batch_size=batch_size, batch_format="pyarrow")
         stats = [json.loads(r["meta"]) for r in ds.take_all()]
     kept = sum(s.get("kept", 0) for s in stats if s["phase"] == -1)

@@ -42,7 +42,10 @@ class StageSpec:
     """A registered stage: its config class, its function, and whether it is per-batch or corpus-wide. `check`, given
     the stage's config, raises an LmforgeError for a setting that would fail every document the same way (a model file
     that does not load, a language its model has no label for); the executors call it before any document is read
-    (`pipeline.check_stages`), and the stage meets the same error itself when called directly."""
+    (`pipeline.check_stages`), and the stage meets the same error itself when called directly. `reads`, given the
+    config, lists the files the stage reads (a model, a tokenizer, eval sets; present or not): a run fixes them at
+    its start (`pipeline.stage_files`, kept in pipeline.json) and fails when they change under it, so the shards of
+    one run never mix two tokenizers, models or eval sets."""
 
     name: str
     config: type
@@ -50,6 +53,7 @@ class StageSpec:
     kind: Literal["map", "global"] = "map"
     help: str = ""
     check: Callable[[Any], Any] | None = None
+    reads: Callable[[Any], list[Path]] | None = None
 
 
 def run_stage(spec: StageSpec, cfg: Any, docs: list[Document], ctx: StageContext) -> list[Document]:

@@ -71,6 +71,11 @@ def _tokenizer(spec: str) -> Any:
     return load_tokenizer(spec)
 
 
+def tokenize_files(cfg: TokenizeConfig) -> list[Path]:
+    """What the stage reads (StageSpec.reads): its tokenizer's files."""
+    return _tokenizer_files(cfg.tokenizer)
+
+
 def doc_separator(cfg: TokenizeConfig) -> int | None:
     """The id written before each document: the tokenizer's end-of-text id, None with doc_sep false. A tokenizer
     without one under doc_sep is refused (the documents were written back to back, the shard saying doc_sep null),

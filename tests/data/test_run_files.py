@@ -1,0 +1,115 @@
+"""A pipeline run fixes the files its stages read (a tokenizer, a model, decontam's eval files) at its start: they are
+kept in pipeline.json, a change while it runs fails the run before the shard in hand is marked done, and a resume
+after they changed is refused, so one run's shards never mix two tokenizers or two eval sets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmforge.data.executor as executor
+from lmforge.data.executor import run_local
+from lmforge.data.pipeline import load_pipeline
+from lmforge.data.shards import TokenFile
+from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer.bpe import Tokenizer
+
+TEXT = "the cat sat on the mat"
+
+
+def _save(tok: Tokenizer, spec: Path, later_s: int = 0) -> None:
+    tok.save(spec)
+    t = os.stat(spec).st_mtime_ns + later_s * 10**9  # (a coarse clock gives two saves one time otherwise)
+    os.utime(spec, ns=(t, t))
+
+
+def _bytes_tok() -> Tokenizer:
+    return Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
+
+
+def _merged_tok() -> Tokenizer:
+    from lmforge.tokenizer.train import train_bpe
+
+    return train_bpe(iter([TEXT * 50]), 270, ["<|endoftext|>"], progress=False, workers=1)
+
+
+def _pipeline(tmp_path: Path, stages: str) -> Path:
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        (tmp_path / "in" / f"{i}.jsonl").write_text(json.dumps({"id": str(i), "text": TEXT}) + "\n")
+    p = tmp_path / "pipeline.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{tmp_path / "run"}"\n'
+                 f"{stages}")
+    return p
+
+
+def _tokenize_pipeline(tmp_path: Path) -> tuple[Path, Path]:
+    spec = tmp_path / "tok" / "lmforge_tokenizer.json"
+    _save(_bytes_tok(), spec)
+    return _pipeline(tmp_path, f'[[stages]]\nstage = "tokenize"\ntokenizer = "{spec}"\n'), spec
+
+
+def _ids(tmp_path: Path, i: int) -> list[int]:
+    return np.asarray(TokenFile(tmp_path / "run" / "tokens" / f"shard-{i:05d}.bin").tokens).tolist()
+
+
+def test_a_tokenizer_rewritten_mid_run_fails_the_run_before_a_shard_is_made_with_it(tmp_path, monkeypatch):
+    """The tokenize stage's cache follows its files, so a tokenizer saved again while a run went on was read for the
+    later shards: one run's token shards held two tokenizers' ids, each header naming the one spec."""
+    p, spec = _tokenize_pipeline(tmp_path)
+    real = executor._finish_shard
+
+    def finish_then_retrain(*args):
+        out = real(*args)
+        _save(_merged_tok(), spec, later_s=5)
+        return out
+
+    monkeypatch.setattr(executor, "_finish_shard", finish_then_retrain)
+    with pytest.raises(DataError, match=r"the files stage 'tokenize' reads changed during the run .*"
+                                        r"lmforge_tokenizer\.json.*--restart"):
+        run_local(load_pipeline(p))
+    assert len(_ids(tmp_path, 0)) == 1 + len(TEXT)  # the first shard, made with the first tokenizer
+    assert not (tmp_path / "run" / "tokens" / "shard-00001.bin").exists()
+    assert not (tmp_path / "run" / "_work" / "p0" / "shard-00001.done.json").exists()
+
+
+def test_a_resume_after_the_tokenizer_changed_is_refused_and_restart_uses_the_new_one(tmp_path):
+    p, spec = _tokenize_pipeline(tmp_path)
+    run_local(load_pipeline(p))
+    saved = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert [f[0] for f in saved["stage_files"]["tokenize"]] == [str(spec.resolve())]
+    (tmp_path / "run" / "_work" / "p0" / "shard-00001.done.json").unlink()  # (a run killed before shard 1 was done)
+    new = _merged_tok()
+    _save(new, spec, later_s=5)
+    with pytest.raises(ConfigError, match=r"the files stage 'tokenize' reads changed since the run .* was made: "
+                                          r"1 changed size or time \(lmforge_tokenizer\.json\).*--restart"):
+        run_local(load_pipeline(p))
+    assert len(_ids(tmp_path, 0)) == 1 + len(TEXT)  # nothing was rewritten
+    run_local(load_pipeline(p), restart=True)
+    assert _ids(tmp_path, 0) == _ids(tmp_path, 1) == [new.eot_id, *new.encode_ordinary(TEXT)]
+
+
+def test_decontam_keeps_one_eval_set_for_a_run_and_records_its_files(tmp_path, monkeypatch):
+    """Decontam listed its eval folders for every batch: an eval file added while a run went on matched only the later
+    shards. The run records the files it used, and one added mid-run fails it."""
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    (evals / "a.jsonl").write_text(json.dumps({"q": "nothing like the documents here at all"}) + "\n")
+    p = _pipeline(tmp_path, f'[[stages]]\nstage = "decontam"\neval_paths = ["{evals}"]\nngram = 4\n')
+    real = executor._finish_shard
+
+    def finish_then_add(*args):
+        out = real(*args)
+        (evals / "b.jsonl").write_text(json.dumps({"q": TEXT}) + "\n")
+        return out
+
+    monkeypatch.setattr(executor, "_finish_shard", finish_then_add)
+    with pytest.raises(DataError, match=r"stage 'decontam' reads changed during the run .*1 new \(b\.jsonl\)"):
+        run_local(load_pipeline(p))
+    saved = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert [f[0] for f in saved["stage_files"]["decontam"]] == [str((evals / "a.jsonl").resolve())]
+    assert not (tmp_path / "run" / "_work" / "p0" / "shard-00001.done.json").exists()

@@ -23,7 +23,6 @@ match "blue waffles".
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError
+from lmforge.utils import once_per_file
 
 TERMINAL = (".", "!", "?", '"', "'", "”", "’")
 ELLIPSES = ("...", "…")  # end in "." but are not terminal: TFDS drops these lines
@@ -68,10 +68,16 @@ class C4Config:
               f"c4.bad_words_file not found: {self.bad_words_file}")
 
 
-@functools.lru_cache(maxsize=8)
-def _bad_words_pattern(words: tuple[str, ...], path: str) -> re.Pattern | None:
+def bad_words_files(cfg: C4Config) -> list[Path]:
+    """What the stage reads (StageSpec.reads): its bad_words_file, if it names one."""
+    return [Path(cfg.bad_words_file)] if cfg.bad_words_file else []
+
+
+@once_per_file(files_of=lambda path, words: [path] if path else [])
+def _bad_words_pattern(path: str, words: tuple[str, ...]) -> re.Pattern | None:
     """The bad words and phrases (lowercased) as one regex over lowercased text, each bounded by non-word
-    characters or the text's ends; None when there are none."""
+    characters or the text's ends; None when there are none. Read again when the file changes (utils.once_per_file:
+    an lru_cache on the path kept an edited list's old words for the rest of the process)."""
     out = {w.strip().lower() for w in words if w.strip()}
     if path:
         try:
@@ -124,7 +130,7 @@ def clean_c4(text: str, cfg: C4Config, ctx: StageContext | None = None) -> tuple
         elif ctx is not None:
             ctx.count(f"c4.line_{rule}")
     out = "\n".join(kept)
-    bad = _bad_words_pattern(cfg.bad_words, cfg.bad_words_file)
+    bad = _bad_words_pattern(cfg.bad_words_file, cfg.bad_words)
     if bad is not None and bad.search(out.lower()):
         return None, "bad_words"
     if sentences < cfg.min_sentences:

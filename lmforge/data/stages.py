@@ -21,7 +21,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
               check=langid.check_langid, reads=fasttext_stages.model_files),
     StageSpec("pii", pii.PIIConfig, pii.pii, "map", "mask e-mails, phones, IPv4/IPv6"),
     StageSpec("gopher", gopher.GopherConfig, gopher.gopher, "map", "Gopher quality + repetition rules"),
-    StageSpec("c4", c4.C4Config, c4.c4, "map", "C4 line and page rules"),
+    StageSpec("c4", c4.C4Config, c4.c4, "map", "C4 line and page rules", reads=c4.bad_words_files),
     StageSpec("fineweb", fineweb.FineWebConfig, fineweb.fineweb, "map", "FineWeb extra rules"),
     StageSpec("perplexity", perplexity.PerplexityConfig, perplexity.perplexity_filter, "map",
               "CCNet-style LM perplexity score/filter", reads=perplexity.perplexity_files),

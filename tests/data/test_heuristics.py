@@ -136,6 +136,21 @@ def test_c4_bad_words_file_hook(tmp_path):
     assert [d.drop for d in docs] == [None, "c4:bad_words"]  # GOOD's 3 sentences meet TFDS's _MIN_NUM_SENTENCES
 
 
+def test_c4_bad_words_file_edited_in_the_process_is_read_again(tmp_path):
+    """The pattern was an lru_cache on the file's path: a list edited between two runs in one process kept its old
+    words."""
+    import os
+
+    f = tmp_path / "bad.txt"
+    f.write_text("flooded\n")
+    cfg, doc = C4Config(bad_words_file=str(f)), lambda: [Document(id="y", text=GOOD + " It rained.")]  # noqa: E731
+    assert c4(cfg, doc(), StageContext())[0].drop is None
+    f.write_text("rained\n")
+    t = os.stat(f).st_mtime_ns + 10**9
+    os.utime(f, ns=(t, t))
+    assert c4(cfg, doc(), StageContext())[0].drop == "c4:bad_words"
+
+
 C4_BODY = ("The river flooded the valley after three days of rain.\nFarmers moved their animals to higher ground.\n"
            "The army helped to build walls of sandbags.\nSchools were closed for the week.\n"
            "Everyone hopes that the water will go down soon!")

@@ -113,3 +113,20 @@ def test_decontam_keeps_one_eval_set_for_a_run_and_records_its_files(tmp_path, m
     saved = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert [f[0] for f in saved["stage_files"]["decontam"]] == [str((evals / "a.jsonl").resolve())]
     assert not (tmp_path / "run" / "_work" / "p0" / "shard-00001.done.json").exists()
+
+
+def test_the_files_a_run_fixes_are_those_its_stages_read(tmp_path):
+    """stage_files names each reading stage's files (two stages of one name told apart by place); stages that read
+    no file are absent."""
+    from lmforge.data.pipeline import InputConfig, OutputConfig, PipelineConfig, stage_files
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("x\n")
+    model = Path(__file__).parent / "fasttext" / "softmax.bin"
+    cfg = PipelineConfig(input=InputConfig(paths=("in",)), output=OutputConfig(dir=str(tmp_path / "run")), stages=(
+        {"stage": "c4", "bad_words_file": str(bad)}, {"stage": "gopher"},
+        {"stage": "toxicity", "model": str(model), "label": "a"}, {"stage": "toxicity", "model": str(model)},
+        {"stage": "langid"}))
+    got = {label: [f[0] for f in files] for label, files in stage_files(cfg).items()}
+    assert got == {"c4": [str(bad.resolve())], "toxicity[2]": [str(model.resolve())],
+                   "toxicity[3]": [str(model.resolve())], "langid": []}

@@ -32,8 +32,8 @@ from typing import Any
 from lmforge.data.accounting import (apply_stage, balance, duplicate_ids, merge_stats, read_stage, record_outcome,
                                      stage_record)
 from lmforge.data.document import Document, stable_id
-from lmforge.data.pipeline import (PipelineConfig, check_stage_files, make_shards, phases, read_inputs,
-                                   release_checked_models, stage_labels)
+from lmforge.data.pipeline import (PipelineConfig, check_stage_files, describe_changes, make_shards, phases,
+                                   read_inputs, release_checked_models, stage_labels)
 from lmforge.data.readers import read_documents
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
@@ -251,8 +251,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
     `restart` empties the directory of an earlier run first (`run_entries` only). The files the stages read
     (`stage_files`: a tokenizer, models, eval files) are fixed for the run and kept in pipeline.json; a resumed run
     whose files changed is refused (its shards so far used the old ones). Returns (the shards, those files)."""
-    from lmforge.data.pipeline import (check_requirements, check_stages, describe_changes, input_fingerprint,
-                                       stage_files)
+    from lmforge.data.pipeline import check_requirements, check_stages, input_fingerprint, stage_files
 
     root = check_output_path(cfg.output.dir, "output.dir", flag="--output")
     check_token_dirs(cfg)
@@ -290,13 +289,24 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
         if changes:
             raise ConfigError(f"the inputs changed since the run in {root} was made: {changes}; rerun with "
                               f"--restart to redo it from scratch, or choose a new output.dir")
-        for label, files in (old_files or {}).items():
-            if changes := describe_changes(files, fixed.get(label, [])):
-                raise ConfigError(f"the files stage '{label}' reads changed since the run in {root} was made: "
-                                  f"{changes}; its shards so far used the old ones: rerun with --restart to redo it "
-                                  f"with the new ones, or put the old ones back to resume")
+        _check_files_used(cfg, old_files or {}, fixed)
     write_json_atomic(saved, {**mine, "inputs": inputs, "stage_files": fixed})
     return shards, fixed
+
+
+def _check_files_used(cfg: PipelineConfig, old: dict[str, list[list]], now: dict[str, list[list]]) -> None:
+    """Refuse to resume a run when a file a stage reads changed since the run began and a shard went through that
+    stage (its phase holds a marker): the shards done used the old file, the rest would use the new one. A stage no
+    shard has reached yet takes the files as they are now."""
+    layout = RunLayout(cfg)
+    labels = iter(stage_labels(cfg))
+    phase_of = {next(labels): p for p, phase in enumerate(phases(cfg.built_stages())) for _ in phase}
+    for label, files in old.items():
+        changes = describe_changes(files, now.get(label, []))
+        if changes and any(layout.marker(phase_of[label], "*").parent.glob("*.done.json")):
+            raise ConfigError(f"the files stage '{label}' reads changed since the run in {layout.root} was made: "
+                              f"{changes}; the shards it has done used the old ones: rerun with --restart to redo "
+                              f"the run with the new ones, or put the old ones back to resume")
 
 
 def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], done: dict[str, dict],

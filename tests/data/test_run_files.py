@@ -93,6 +93,28 @@ def test_a_resume_after_the_tokenizer_changed_is_refused_and_restart_uses_the_ne
     assert _ids(tmp_path, 0) == _ids(tmp_path, 1) == [new.eot_id, *new.encode_ordinary(TEXT)]
 
 
+def test_a_resume_takes_a_changed_tokenizer_when_no_shard_reached_the_tokenize_stage(tmp_path, monkeypatch):
+    """Only the shards a stage has done used its old files: a run killed before its tokenize phase resumes with the
+    tokenizer as it is now, every token shard made with it."""
+    spec = tmp_path / "tok" / "lmforge_tokenizer.json"
+    _save(_bytes_tok(), spec)
+    stages = f'[[stages]]\nstage = "exact_dedup"\n[[stages]]\nstage = "tokenize"\ntokenizer = "{spec}"\n'
+    p = _pipeline(tmp_path, stages)
+    (tmp_path / "in" / "1.jsonl").write_text(json.dumps({"id": "1", "text": TEXT + " again"}) + "\n")
+    with monkeypatch.context() as m:
+        m.setattr(executor, "run_map_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):  # (killed after the dedup phase, before any shard was tokenized)
+            run_local(load_pipeline(p))
+    assert (tmp_path / "run" / "_work" / "p0" / "shard-00001.done.json").exists()
+    new = _merged_tok()
+    _save(new, spec, later_s=5)
+    run_local(load_pipeline(p))
+    assert _ids(tmp_path, 0) == [new.eot_id, *new.encode_ordinary(TEXT)]
+    assert _ids(tmp_path, 1) == [new.eot_id, *new.encode_ordinary(TEXT + " again")]
+    saved = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert saved["stage_files"]["tokenize"][0][1] == spec.stat().st_size  # the files as this run found them
+
+
 def test_decontam_keeps_one_eval_set_for_a_run_and_records_its_files(tmp_path, monkeypatch):
     """Decontam listed its eval folders for every batch: an eval file added while a run went on matched only the later
     shards. The run records the files it used, and one added mid-run fails it."""

@@ -488,6 +488,38 @@ def hf_eos_token(tokenizer_json: str | Path, added: dict[str, int]) -> str | Non
     return eos if isinstance(eos, str) and eos in added else None
 
 
+_ADDED_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
+
+
+def hf_added_tokens(added: Any, where: str) -> list[dict]:
+    """A tokenizer.json's `added_tokens`, each entry checked as HF tokenizers reads it (a string content, an id that
+    is an integer >= 0, flags that are true or false): a malformed entry was a KeyError or TypeError traceback, or
+    was skipped. A flag left out takes HF's Python default (the reader applies it); HF's Rust reader refuses that."""
+    if added is None:
+        return []
+    if not isinstance(added, list):
+        raise DataError(f"{where}: added_tokens is a {type(added).__name__}, not a list; write it as a list of "
+                        '{"id": ..., "content": ...} objects')
+    for t in added:
+        if not isinstance(t, dict):
+            raise DataError(f"{where}: added_tokens entry {t!r} is not an object; write it as "
+                            '{"id": ..., "content": ..., "special": ...}')
+        content, i = t.get("content"), t.get("id")
+        if not isinstance(content, str) or not content:
+            got = f"content {content!r}" if "content" in t else "no content"
+            raise DataError(f"{where}: added token with id {i!r} has {got}, not its text (a non-empty string); set "
+                            'its "content" in the file')
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            got = f"id {i!r}" if "id" in t else "no id"
+            raise DataError(f"{where}: added token {content!r} has {got}, not an integer >= 0; set its \"id\" to the "
+                            "token's id in the file")
+        bad = next((k for k in _ADDED_FLAGS if k in t and not isinstance(t[k], bool)), None)
+        if bad:
+            raise DataError(f"{where}: added token {content!r} has {bad}={t[bad]!r}, not true or false; set it to "
+                            "true or false in the file")
+    return added
+
+
 def read_hf(path: str | Path) -> dict[str, Any]:
     """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3, Qwen2 style) -> Tokenizer keyword arguments,
     the special tokens its post_processor adds around a text among them (prefix_tokens, suffix_tokens), and the
@@ -503,7 +535,7 @@ def read_hf(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: a SentencePiece-style BPE tokenizer.json ('▁' for spaces, byte fallback: Llama 2, "
                         "Mistral, Gemma), not byte-level BPE; open it with load_tokenizer, which reads it as a "
                         "lmforge.tokenizer.sentencepiece.SentencePieceBPE")
-    added = [t for t in doc.get("added_tokens", []) if isinstance(t, dict)]
+    added = hf_added_tokens(doc.get("added_tokens"), str(path))
     for t in added:  # HF lets these tokens' matches take in whitespace or need word bounds; lmforge's do not
         flags = [f"{k}=true" for k in ("lstrip", "rstrip", "single_word") if t.get(k)]
         if flags:

@@ -44,7 +44,7 @@ from typing import Any, Iterable
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.byte import FILE_NAME, end_of_text, without_surrogates
-from lmforge.tokenizer.formats import _hf_added_specials, _read_json, hf_eos_token, write_hf
+from lmforge.tokenizer.formats import _hf_added_specials, _read_json, hf_added_tokens, hf_eos_token, write_hf
 from lmforge.tokenizer.pretokenize import special_regex
 from lmforge.utils import write_json_atomic
 
@@ -264,7 +264,7 @@ class SentencePieceBPE:
             raise DataError(f"{where}: not a BPE tokenizer.json (model.type must be 'BPE')")
         self.doc, self.path = doc, None
         self._read_model(doc["model"], where)
-        self._read_added(doc.get("added_tokens") or [], where)
+        self._read_added(doc.get("added_tokens"), where)
         if eos_token is not None and eos_token not in self.special_tokens:
             raise DataError(f"{where}: eos_token {eos_token!r} is not one of the added tokens "
                             f"{list(self.special_tokens)[:8]}; name one of them")
@@ -332,9 +332,7 @@ class SentencePieceBPE:
 
     def _read_added(self, added: list, where: str) -> None:
         self._added: list[dict] = []
-        for t in added:
-            if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not isinstance(t.get("id"), int):
-                raise DataError(f"{where}: added token {t!r} has no string content and integer id")
+        for t in hf_added_tokens(added, where):
             if t.get("single_word"):
                 raise DataError(f"{where}: added token {t['content']!r} has single_word=true, which lmforge does not "
                                 f"apply; set it false in the file{_UNREAD}")

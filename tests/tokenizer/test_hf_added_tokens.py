@@ -1,0 +1,76 @@
+"""A tokenizer.json's added_tokens as HF `tokenizers` reads them: a malformed entry is a one-line error naming the
+file, the token and the fix, in both readers (byte-level and SentencePiece-style)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import pytest
+
+from lmforge.errors import DataError
+from lmforge.tokenizer.load import load_tokenizer
+from lmforge.tokenizer.train import train_bpe
+from tests.tokenizer.sp_files import sp_doc
+
+
+@lru_cache(maxsize=1)
+def _byte_level_doc() -> str:
+    import tempfile
+    from pathlib import Path
+
+    tok = train_bpe(iter(["the cat sat on the mat " * 20]), 269, ["<|endoftext|>"], progress=False, workers=1)
+    with tempfile.TemporaryDirectory() as d:
+        return tok.save_hf(Path(d)).read_text()
+
+
+def _write(tmp_path, doc: dict):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+BAD_ENTRIES = [  # (change to the first added token, what the error says)
+    (lambda t: t.pop("id"), r"added token '<\|endoftext\|>' has no id, not an integer >= 0; set its \"id\""),
+    (lambda t: t.update(id="256"), r"added token '<\|endoftext\|>' has id '256', not an integer >= 0"),
+    (lambda t: t.update(id=-1), r"added token '<\|endoftext\|>' has id -1, not an integer >= 0"),
+    (lambda t: t.update(id=True), r"added token '<\|endoftext\|>' has id True, not an integer >= 0"),
+    (lambda t: t.pop("content"), r"added token with id \d+ has no content, not its text .*; set its \"content\""),
+    (lambda t: t.update(content=5), r"added token with id \d+ has content 5, not its text"),
+    (lambda t: t.update(special="yes"), r"added token '<\|endoftext\|>' has special='yes', not true or false; set"),
+    (lambda t: t.update(normalized="no"), r"added token '<\|endoftext\|>' has normalized='no', not true or false"),
+]
+
+
+@pytest.mark.parametrize("change, words", BAD_ENTRIES)
+def test_a_malformed_byte_level_added_token_is_a_one_line_error(tmp_path, change, words):
+    """A missing or string id was a KeyError/TypeError traceback, a string flag read as true ("no" normalized)."""
+    doc = json.loads(_byte_level_doc())
+    change(doc["added_tokens"][0])
+    path = _write(tmp_path, doc)
+    with pytest.raises(DataError, match=f"^{path}: {words}") as e:
+        load_tokenizer(path)
+    assert "\n" not in str(e.value)
+
+
+def test_malformed_added_tokens_lists_are_refused(tmp_path):
+    """An entry that is no object, or added_tokens that is no list, was skipped (the tokens silently gone)."""
+    doc = json.loads(_byte_level_doc())
+    doc["added_tokens"] = ["<|endoftext|>"]
+    with pytest.raises(DataError, match=r"added_tokens entry '<\|endoftext\|>' is not an object; write it as"):
+        load_tokenizer(_write(tmp_path, doc))
+    doc["added_tokens"] = {"<|endoftext|>": 256}
+    with pytest.raises(DataError, match=r"added_tokens is a dict, not a list; write it as a list"):
+        load_tokenizer(_write(tmp_path, doc))
+
+
+@pytest.mark.parametrize("change, words", BAD_ENTRIES[1:2] + BAD_ENTRIES[3:4] + BAD_ENTRIES[6:7])
+def test_a_malformed_sentencepiece_added_token_is_refused_alike(tmp_path, change, words):
+    """The SentencePiece-style reader took id True as 1 and a string flag as true: the same check now."""
+    doc = sp_doc()
+    t = doc["added_tokens"][0]
+    change(t)
+    words = words.replace(r"'<\|endoftext\|>'", repr(t["content"]))
+    path = _write(tmp_path, doc)
+    with pytest.raises(DataError, match=f"^{path}: {words}"):
+        load_tokenizer(path)

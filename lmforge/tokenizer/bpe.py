@@ -76,7 +76,8 @@ class Tokenizer:
     but kept in texts decoded with skip_special_tokens, as HF keeps them; normalized: added tokens a HF tokenizer.json
     marks "normalized": true (what HF's add_tokens gives a token that is not special), matched as HF's AddedVocabulary
     matches them: after the others are split out of the raw text, in each normalized stretch between those, by their
-    own normalized text (under NFKC "ﬁ" matches "fi", under NFC "é" matches "e" + U+0301).
+    own normalized text (under NFKC "ﬁ" matches "fi", under NFC "é" matches "e" + U+0301). A special token BPE does
+    not emit decodes as HF's ByteLevel decoder gives it (formats.byte_level_decoded: "Ġhello" is " hello").
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
@@ -120,6 +121,9 @@ class Tokenizer:
         self._decode_table = [_REPLACEMENT] * self.vocab_size
         for i, b in self.vocab.items():
             self._decode_table[i] = b
+        for s, i in self.special_tokens.items():  # (only specials: a shared id decodes as the entry BPE emits)
+            if i not in self.shared_ids:
+                self._decode_table[i] = formats.byte_level_decoded(s)
         self.reference = ReferenceEncoder(self.pattern, self._ranks, self._merged, self._byte_ids,
                                           self._by_bytes if self.ignore_merges else None)
         self._enc, self._rank_to_id = self._build_fast()

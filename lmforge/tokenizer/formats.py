@@ -69,6 +69,16 @@ def str_to_bytes(s: str, where: str = "token") -> bytes:
         raise DataError(f"{where} {s!r} holds {e.args[0]!r}, which is not a byte-level BPE character") from e
 
 
+def byte_level_decoded(token: str) -> bytes:
+    """The bytes HF's ByteLevel decoder gives an added token's text: each character's byte where every character is
+    in GPT-2's table ("ĠĊ" is a space and a newline, "é" the lone byte 0xE9), else the text's UTF-8 ("<|a b|>": no
+    byte prints as a space; "日本")."""
+    try:
+        return str_to_bytes(token)
+    except DataError:
+        return token.encode()
+
+
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -74,3 +74,37 @@ def test_a_malformed_sentencepiece_added_token_is_refused_alike(tmp_path, change
     path = _write(tmp_path, doc)
     with pytest.raises(DataError, match=f"^{path}: {words}"):
         load_tokenizer(path)
+
+
+BYTE_LEVEL_ADDED = ["Ġhello", "ĊĠ", "café", "ĠÃ©", "<|a b|>", "日本"]  # GPT-2 table characters only, then not
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_an_added_token_of_byte_level_characters_decodes_as_hf_decodes_it(tmp_path, special):
+    """HF's ByteLevel decoder maps an added token's characters through GPT-2's table where all are in it ("Ġhello"
+    is " hello", "café" ends in the lone byte 0xE9); lmforge decoded every added token as its UTF-8 text."""
+    tokenizers = pytest.importorskip("tokenizers")
+    doc = json.loads(_byte_level_doc())
+    n = max(doc["model"]["vocab"].values()) + 1
+    doc["added_tokens"] += [{"id": n + k, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": special} for k, s in enumerate(BYTE_LEVEL_ADDED)]
+    path = _write(tmp_path, doc)
+    hf, ours = tokenizers.Tokenizer.from_file(str(path)), load_tokenizer(path)
+    text = "the cat" + "".join(f"{s}sat" for s in BYTE_LEVEL_ADDED)
+    ids = ours.encode(text)
+    assert ids == hf.encode(text).ids
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False) == (
+        "the cat hellosat\n sat" + "caf\ufffdsat ésat<|a b|>sat日本sat")
+    for i in range(n, n + len(BYTE_LEVEL_ADDED)):
+        assert ours.decode([i]) == hf.decode([i], skip_special_tokens=False)
+    assert ours.token_bytes(n) == b" hello"  # what streaming detokenization reads
+
+
+def test_a_special_of_byte_level_characters_decodes_alike_in_lmforge_and_its_hf_export(tmp_path):
+    """One rule for every byte-level Tokenizer: a trained tokenizer's special "ĠĊ" decodes as its export does."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = train_bpe(iter(["the cat sat on the mat " * 20]), 269, ["<|endoftext|>", "ĠĊ"], progress=False, workers=1)
+    ids = tok.encode("the ĠĊcat<|endoftext|>")
+    hf = tokenizers.Tokenizer.from_file(str(tok.save_hf(tmp_path)))
+    assert ids == hf.encode("the ĠĊcat<|endoftext|>").ids
+    assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False) == "the  \ncat<|endoftext|>"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,10 +28,11 @@ import numpy as np
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import agreement, formats
+from lmforge.tokenizer.added import AddedVocabulary
 from lmforge.tokenizer.byte import FILE_NAME, end_of_text, without_surrogates
 from lmforge.tokenizer.formats import NORMAL_FORMS
 from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, pieces_pattern,
-                                           resolve_pattern, special_regex, split_specials, wraps_alone)
+                                           resolve_pattern, wraps_alone)
 from lmforge.tokenizer.reference import ReferenceEncoder
 from lmforge.utils import write_json_atomic
 
@@ -45,14 +45,6 @@ def _check_text(text) -> None:
     if not isinstance(text, str):
         hint = "; decode the bytes first (data.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""
         raise TypeError(f"encode takes a str, got {type(text).__name__}{hint}")
-
-
-def _overlapping(these: Iterable[str], others: Iterable[str]) -> bool:
-    """Whether a text of `these` and one of `others` can share characters of a match: one inside the other, or one's
-    end the other's start."""
-    others = list(others)
-    return any(a in b or b in a or any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))
-               for a in these for b in others)
 
 
 class Tokenizer:
@@ -107,16 +99,7 @@ class Tokenizer:
             raise ConfigError(f"eos_token {eos_token!r} is not one of the special tokens {list(self.special_tokens)}; "
                               "add it to special_tokens")
         self.eos_token = eos_token
-        # the tokens matched in the normalized text, second: none where that text is the raw text and no such token
-        # overlaps a raw one (one pass then finds what HF's two find: GPT-2's tokenizer.json marks <|endoftext|>
-        # normalized, which must stay a cut point of encode_iterable and needs no warning on export)
-        self._second_pass = () if self.normalization is None and not _overlapping(
-            self.normalized, [s for s in self.special_tokens if s not in self.normalized]) else self.normalized
-        self._raw_added = tuple(s for s in self.special_tokens if s not in self._second_pass)
-        self._raw_set = frozenset(self._raw_added)
-        self._norm_added: dict[str, str] = {}  # a normalized token's normalized text -> its name (the first's)
-        for s in self._second_pass:
-            self._norm_added.setdefault(self._normalize(s), s)
+        self.added = AddedVocabulary(self.special_tokens, self.normalized, self.normalization)
         self._check_tables()
         self._decode_table = [_REPLACEMENT] * self.vocab_size
         for i, b in self.vocab.items():
@@ -300,57 +283,21 @@ class Tokenizer:
         _check_text(text)
         return self._split_encode(text, self.non_special)
 
-    def _normalize(self, text: str) -> str:
-        return unicodedata.normalize(self.normalization, text) if self.normalization is not None else text
-
     def _split_encode(self, text: str, keep: Iterable[str] | None, plain=None) -> list[int]:
-        """`text`'s ids, the added tokens in `keep` (None: all) matched as units, the text between them encoded by
-        `plain` (the fast path, else the reference) once normalized. As HF's AddedVocabulary: the tokens not
-        `normalized` are matched in the raw text (leftmost, longest first), then the `normalized` ones in each
-        normalized stretch between those; a match of a token not kept (a special encode_ordinary leaves as text) is
-        text, and no added token inside it is matched (split_specials)."""
+        """`text`'s ids, the added tokens in `keep` (None: all) matched as units as HF's AddedVocabulary matches them
+        (added.AddedVocabulary.split), the text between them encoded by `plain` (the fast path, else the reference)
+        once normalized."""
         plain = plain or self._plain
-        norm = tuple(self._norm_added)
-        keep_norm = None
-        if keep is not None:
-            keep = frozenset(keep)
-            keep_norm = frozenset(c for c in norm if self._norm_added[c] in keep)
         out: list[int] = []
-        for seg, is_added in self._raw_split(text, keep):
-            if is_added:
-                out.append(self.special_tokens[seg])
+        for piece, i in self.added.split(text, keep):
+            if i is not None:
+                out.append(i)
                 continue
-            seg = self._normalize(seg)
-            for piece, is_norm in split_specials(seg, norm, keep_norm) if norm else [(seg, False)]:
-                if is_norm:
-                    out.append(self.special_tokens[self._norm_added[piece]])
-                    continue
-                try:
-                    out.extend(plain(piece))
-                except UnicodeEncodeError:
-                    out.extend(plain(without_surrogates(piece)))
+            try:
+                out.extend(plain(piece))
+            except UnicodeEncodeError:
+                out.extend(plain(without_surrogates(piece)))
         return out
-
-    def _raw_split(self, text: str, keep: frozenset[str] | None) -> Iterator[tuple[str, bool]]:
-        """`text` cut at the added tokens matched in the raw text (all but the `normalized`), those in `keep` (None:
-        all) as units; the stretches between are normalized, and the `normalized` tokens matched there."""
-        return split_specials(text, self._raw_added, None if keep is None else keep & self._raw_set)
-
-    def _check_disallowed(self, text: str, disallowed: tuple[str, ...], keep: frozenset[str] | None) -> None:
-        """Raise where `text` holds a disallowed string where encode (keeping `keep`) looks for it: a `normalized`
-        added token by its normalized text in the normalized stretches (under NFC "[e" + U+0301 + "]" holds "[é]",
-        "xe" + U+0301 no "xe"), any other in the raw text, as tiktoken."""
-        by_norm = {self._normalize(s): s for s in disallowed if s in self._second_pass} if self._second_pass else {}
-        raw = tuple(s for s in disallowed if s not in by_norm.values()) if by_norm else disallowed
-        m = special_regex(raw).search(text) if raw else None
-        found = m.group() if m else None
-        if not found and by_norm:
-            rx = special_regex(tuple(by_norm))
-            found = next((by_norm[m.group()] for seg, is_added in self._raw_split(text, keep)
-                          if not is_added and (m := rx.search(self._normalize(seg)))), None)
-        if found:
-            raise ValueError(f"text contains the disallowed special token {found!r}; pass allowed_special={{...}} to "
-                             "encode it as a special or disallowed_special=() to encode it as text")
 
     def _plain(self, text: str) -> list[int]:
         """The ids of normalized text that holds no added token."""
@@ -378,8 +325,10 @@ class Tokenizer:
         _check_text(text)
         allowed, disallowed = self._allowed(allowed_special, disallowed_special)
         keep = None if len(allowed) == len(self._specials) else frozenset(allowed + self.non_special)
-        if disallowed:
-            self._check_disallowed(text, disallowed, keep)
+        found = self.added.find(text, disallowed, keep) if disallowed else None
+        if found:
+            raise ValueError(f"text contains the disallowed special token {found!r}; pass allowed_special={{...}} to "
+                             "encode it as a special or disallowed_special=() to encode it as text")
         return self._split_encode(text, keep)
 
     def encode_reference(self, text: str) -> list[int]:
@@ -398,9 +347,9 @@ class Tokenizer:
         their concatenation. Text is cut only where tokenization cannot change (after a special token;
         for named patterns, at a line end where no pre-token crosses it: `pretokenize._SAFE_CUT`), so memory
         stays bounded by the distance between such points."""
-        added = self._raw_added  # (non-special ones too: each is matched as a unit; normalized ones are not cuts)
+        added = self.added.raw  # (non-special ones too: each is matched as a unit; normalized ones are not cuts)
         longest = max((len(s) for s in added), default=0)
-        line_cuts = not any("\n" in s or "\r" in s for s in self._norm_added)  # (one could cross a line cut)
+        line_cuts = not any("\n" in s or "\r" in s for s in self.added.by_normal)  # (one could cross a line cut)
         parts: list[str] = []
         size, limit = 0, buffer_chars
         for chunk in iterable:
@@ -506,8 +455,9 @@ class Tokenizer:
                                          specials_lost),
                                         (f"added tokens {list(self.non_special)} marked not special (read back as "
                                          "specials, which encode_ordinary leaves as text)", bool(self.non_special)),
-                                        (f"added tokens {list(self._second_pass)} matched in the normalized text "
-                                         "(read back as matched in the raw text, first)", bool(self._second_pass)),
+                                        (f"added tokens {list(self.added.second_pass)} matched in the normalized "
+                                         "text (read back as matched in the raw text, first)",
+                                         bool(self.added.second_pass)),
                                         (f"end-of-text token {self.eos_token!r} (read back as {end_of_text(back)}, "
                                          "where generation stops)", eos_lost))
                 if gone]

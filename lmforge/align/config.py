@@ -15,7 +15,7 @@ from typing import Literal
 
 from lmforge.adapt.config import LoRAConfig
 from lmforge.config import SHORT_DTYPES, check, claim, coerce_fields
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.train.config import LoopConfig
 
@@ -305,8 +305,9 @@ def register_data_kind(name: str, spec: DataKindSpec) -> DataKindSpec:
 
 
 def data_kind(name: str) -> DataKindSpec:
+    """The registered record kind `name`; an unknown name is a config mistake (ConfigError, as objective_spec's)."""
     if name not in DATA_KINDS:
-        raise DataError(f"unknown data kind {name!r}; choose one of {', '.join(DATA_KINDS)}, or register it with "
+        raise ConfigError(f"unknown data kind {name!r}; choose one of {', '.join(DATA_KINDS)}, or register it with "
                         "lmforge.align.config.register_data_kind")
     return DATA_KINDS[name]
 

@@ -102,8 +102,9 @@ def test_a_batch_missing_a_key_its_kind_promises_is_refused(tmp_path):
 
 
 def test_an_unknown_kind_is_refused_before_any_file_is_read():
+    """An unknown name is a config mistake, as objective_spec's (it was a DataError, a corrupt file's class)."""
     cfg = C.PostDataConfig(train=("missing.jsonl",), template="plain")
-    with pytest.raises(DataError, match="unknown data kind 'ranked'; choose one of sft, preference, kto.*"
+    with pytest.raises(ConfigError, match="unknown data kind 'ranked'; choose one of sft, preference, kto.*"
                                         "register_data_kind") as e:
         D.build_sources(cfg, TOK, "ranked", seed=0)
     assert "\n" not in str(e.value)

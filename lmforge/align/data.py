@@ -311,11 +311,18 @@ def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, 
             try:
                 items.append(encode_record(enc, rec, kind, where, seq_len + 1, report, truncation, encode))
                 report.used += 1
+                continue
             except RecordError as e:
-                if on_error == "raise":  # the record's own message, and the way to go on without it
-                    raise RecordError(e.reason, f"{e}; fix the record or set data.on_error='skip' to count and "
-                                                "skip such records") from None
-                report.reject(e.reason, where)
+                bad, cause = e, None
+            except LmforgeError:
+                raise
+            except Exception as e:  # a registered encode trusting its record (rec["score"]): told as a bad record
+                bad, cause = RecordError("encode_error", f"{where}: data kind {kind!r} ({spec.encode}) raised "
+                                                         f"{type(e).__name__}: {' '.join(str(e).splitlines())}"), e
+            if on_error == "raise":  # the record's own message, and the way to go on without it
+                raise RecordError(bad.reason, f"{bad}; fix the record or set data.on_error='skip' to count and "
+                                              "skip such records") from cause
+            report.reject(bad.reason, where)
     if not items:
         raise DataError(f"no usable {kind} records in {list(files)}: {report.summary()}")
     if spec.check is not None:  # e.g. a file set mixing pairs with and without a margin fails here, not mid-run

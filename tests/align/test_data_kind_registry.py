@@ -110,6 +110,31 @@ def test_an_unknown_kind_is_refused_before_any_file_is_read():
     assert "\n" not in str(e.value)
 
 
+def encode_scored(enc, rec: dict, where: str, fit):
+    """A toy kind whose encode trusts its record: a record without 'score' raises KeyError."""
+    return fit(enc.prompt_completion(rec["prompt"], rec["completion"], where)), float(rec["score"])
+
+
+def test_a_registered_encoders_own_exception_names_the_record_and_the_kind(tmp_path):
+    """A KeyError in a registered kind's encode was a traceback naming neither the file's line nor the kind; it now
+    takes the built-in kinds' path: one line naming file:line and the kind, or counted under on_error='skip'."""
+    C.register_data_kind("toy_scored", C.DataKindSpec(f"{__name__}:encode_scored", f"{__name__}:collate_weighted",
+                                                      keys=(*C.LM_KEYS, "weight")))
+    try:
+        path = write(tmp_path / "s.jsonl", [{"prompt": "ab", "completion": "cd", "score": 1},
+                                            {"prompt": "ef", "completion": "gh"}])
+        with pytest.raises(D.RecordError, match=r"^s.jsonl:2: data kind 'toy_scored' \(tests.align.test_data_kind_"
+                                                r"registry:encode_scored\) raised KeyError: 'score'; fix the record or "
+                                                r"set data.on_error='skip'") as e:
+            D.load_records((path,), D.Encoder(TOK, "plain"), "toy_scored", 8, "raise")
+        assert "\n" not in str(e.value) and isinstance(e.value.__cause__, KeyError)  # (--debug shows where)
+        items, report = D.load_records((path,), D.Encoder(TOK, "plain"), "toy_scored", 8, "skip")
+        assert len(items) == 1 and report.rejected == {"encode_error": 1} and report.first == {"encode_error":
+                                                                                               "s.jsonl:2"}
+    finally:
+        C.DATA_KINDS.pop("toy_scored", None)
+
+
 def test_a_kind_whose_function_cannot_be_imported_is_refused_naming_it(tmp_path):
     C.register_data_kind("toy_missing", C.DataKindSpec("no_such_module_here:encode", "m:collate", keys=C.LM_KEYS))
     try:

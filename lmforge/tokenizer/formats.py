@@ -501,10 +501,11 @@ def hf_eos_token(tokenizer_json: str | Path, added: dict[str, int]) -> str | Non
 _ADDED_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")
 
 
-def hf_added_tokens(added: Any, where: str) -> list[dict]:
+def hf_added_tokens(added: Any, where: str, vocab: dict[str, int]) -> list[dict]:
     """A tokenizer.json's `added_tokens`, each entry checked as HF tokenizers reads it (a string content, an id that
-    is an integer >= 0, flags that are true or false): a malformed entry was a KeyError or TypeError traceback, or
-    was skipped. A flag left out takes HF's Python default (the reader applies it); HF's Rust reader refuses that."""
+    is an integer >= 0, flags that are true or false: a malformed entry was a KeyError or TypeError traceback, or
+    was skipped; a flag left out takes HF's Python default, which the reader applies, where HF's Rust reader refuses
+    it), with the id HF gives it (hf_added_ids) in place of the file's."""
     if added is None:
         return []
     if not isinstance(added, list):
@@ -527,7 +528,28 @@ def hf_added_tokens(added: Any, where: str) -> list[dict]:
         if bad:
             raise DataError(f"{where}: added token {content!r} has {bad}={t[bad]!r}, not true or false; set it to "
                             "true or false in the file")
-    return added
+    ids = hf_added_ids([t["content"] for t in added], vocab)
+    # (one spelled as a model.vocab entry takes that entry's id silently, as it always did here)
+    moved = [f"{t['content']!r} {t['id']} -> {ids[t['content']]}" for t in added
+             if t["id"] != ids[t["content"]] and t["content"] not in vocab]
+    if moved:
+        from lmforge.errors import warn_caller
+        warn_caller(f"{where}: {len(moved)} added token(s) have other ids in HF tokenizers than the file lists "
+                    f"({', '.join(moved[:5])}{' ...' if len(moved) > 5 else ''}): HF gives each the next id past the "
+                    "vocabulary and the added tokens before it; lmforge uses HF's ids, as transformers does")
+    return [dict(t, id=ids[t["content"]]) for t in added]
+
+
+def hf_added_ids(contents: list[str], vocab: dict[str, int]) -> dict[str, int]:
+    """The ids HF tokenizers gives added tokens as it reads them, in order (AddedVocabulary.add_tokens), whatever ids
+    the file lists: a model.vocab entry's id where the content is one (byte-level "Ã": byte 0xC3's; a piece "king"),
+    the earlier one's where the content came before, else the next id past both the vocabulary's size (its entry
+    count) and every id given so far."""
+    ids: dict[str, int] = {}
+    for c in contents:
+        if c not in ids:
+            ids[c] = vocab[c] if c in vocab else max(len(vocab), max(ids.values(), default=-1) + 1)
+    return ids
 
 
 def read_hf(path: str | Path) -> dict[str, Any]:
@@ -545,17 +567,15 @@ def read_hf(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: a SentencePiece-style BPE tokenizer.json ('▁' for spaces, byte fallback: Llama 2, "
                         "Mistral, Gemma), not byte-level BPE; open it with load_tokenizer, which reads it as a "
                         "lmforge.tokenizer.sentencepiece.SentencePieceBPE")
-    added = hf_added_tokens(doc.get("added_tokens"), str(path))
+    raw_vocab = model.get("vocab", {})
+    added = hf_added_tokens(doc.get("added_tokens"), str(path), raw_vocab if isinstance(raw_vocab, dict) else {})
     for t in added:  # HF lets these tokens' matches take in whitespace or need word bounds; lmforge's do not
         flags = [f"{k}=true" for k in ("lstrip", "rstrip", "single_word") if t.get(k)]
         if flags:
             raise DataError(f"{path}: added token {t.get('content')!r} has {', '.join(flags)}, which lmforge does not "
                             "apply (its special tokens match their text exactly); set it false in the file or give "
                             "another tokenizer (LLM.load(path, tokenizer=...), --tokenizer)")
-    raw_vocab = model.get("vocab", {})
-    # HF gives an added token that is a model-vocab entry that entry's id, whatever id the file lists
-    specials = {t["content"]: (raw_vocab if isinstance(raw_vocab, dict) else {}).get(t["content"], t["id"])
-                for t in added}
+    specials = {t["content"]: t["id"] for t in added}
     vocab = vocab_entries(raw_vocab, specials, str(path))
     merges = [parse_merge(m, str(path)) for m in model.get("merges", [])]
     before, after = _hf_added_specials(doc.get("post_processor"), specials, str(path))

@@ -332,13 +332,13 @@ class SentencePieceBPE:
 
     def _read_added(self, added: list, where: str) -> None:
         self._added: list[dict] = []
-        for t in hf_added_tokens(added, where):
+        for t in hf_added_tokens(added, where, self.pieces):
             if t.get("single_word"):
                 raise DataError(f"{where}: added token {t['content']!r} has single_word=true, which lmforge does not "
                                 f"apply; set it false in the file{_UNREAD}")
-            # HF's defaults: a special token is matched in the raw text, any other after normalization; a token
-            # that is a piece of model.vocab takes that piece's id, whatever id the file lists (as HF gives it)
-            self._added.append({"content": t["content"], "id": self.pieces.get(t["content"], t["id"]),
+            # HF's defaults: a special token is matched in the raw text, any other after normalization (the id: HF's,
+            # a piece of model.vocab that piece's, whatever id the file lists)
+            self._added.append({"content": t["content"], "id": t["id"],
                                 "special": bool(t.get("special")),
                                 "normalized": bool(t.get("normalized", not t.get("special"))),
                                 "lstrip": bool(t.get("lstrip")), "rstrip": bool(t.get("rstrip"))})

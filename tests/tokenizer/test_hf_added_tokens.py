@@ -108,3 +108,40 @@ def test_a_special_of_byte_level_characters_decodes_alike_in_lmforge_and_its_hf_
     hf = tokenizers.Tokenizer.from_file(str(tok.save_hf(tmp_path)))
     assert ids == hf.encode("the ĠĊcat<|endoftext|>").ids
     assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False) == "the  \ncat<|endoftext|>"
+
+
+def _token(content: str, i: int) -> dict:
+    return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+            "special": True}
+
+
+def test_added_token_ids_are_those_hf_gives_not_those_the_file_lists(tmp_path):
+    """HF numbers added tokens that are no vocab entry itself, in order, past the vocabulary and the added tokens before
+    them: a file listing a gap (300 after a vocabulary of 269) or two ids swapped gave other ids than HF, or (an id
+    a vocab entry holds) a ConfigError; now HF's ids, with a warning naming the change."""
+    tokenizers = pytest.importorskip("tokenizers")
+    doc = json.loads(_byte_level_doc())
+    n = len(doc["model"]["vocab"])
+    doc["added_tokens"] += [_token("<a>", 300), _token("<c>", n + 2), _token("<b>", n + 1), _token("<d>", 5)]
+    path = _write(tmp_path, doc)
+    with pytest.warns(UserWarning, match=rf"4 added token\(s\) have other ids in HF tokenizers than the file lists "
+                                         rf"\('<a>' 300 -> {n}, '<c>' {n + 2} -> {n + 1}, '<b>' {n + 1} -> {n + 2}, "):
+        ours = load_tokenizer(path)
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    assert {s: ours.special_tokens[s] for s in "<a> <b> <c> <d>".split()} == {
+        s: hf.token_to_id(s) for s in "<a> <b> <c> <d>".split()} == {"<a>": n, "<c>": n + 1, "<b>": n + 2, "<d>": n + 3}
+    text = "the<a>cat<b><c> sat<d>"
+    assert ours.encode(text) == hf.encode(text).ids
+
+
+def test_sentencepiece_added_token_ids_are_those_hf_gives(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    doc = sp_doc()
+    n = max([*doc["model"]["vocab"].values(), *(t["id"] for t in doc["added_tokens"])]) + 1
+    doc["added_tokens"] += [_token("<b>", n + 1), _token("<a>", n)]
+    path = _write(tmp_path, doc)
+    with pytest.warns(UserWarning, match="2 added token"):
+        ours = load_tokenizer(path)
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    assert ours.special_tokens["<b>"] == hf.token_to_id("<b>") == n
+    assert ours.encode("king<a>queen<b>") == hf.encode("king<a>queen<b>", add_special_tokens=False).ids

@@ -57,7 +57,11 @@ def test_an_adapter_checkpoint_holds_what_trains_and_loads_as_the_trained_model(
                                 monkeypatch)
     full = PT.posttrain(_cfg(base, tmp_path / "f", lora={**LORA, "save": "full"}, optim=OPTIM, max_steps=4,
                              plot=False))
-    assert _losses(adapters) == _losses(full) and _losses(adapters)[-1] < _losses(adapters)[0]
+    assert _losses(adapters) == _losses(full)
+    # the held-out loss falls (step 0's evaluation is the init's): in 200 runs (100 run seeds; 10 bases x 10 seeds)
+    # by 0.027 to 0.13; the last step's training loss against the first's (other rows) rose in 9 of them
+    val = [r["val_loss"] for r in adapters.history if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0]
     small, whole = (_last(tmp_path / r) / "model.safetensors" for r in ("a", "f"))
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert set(load_file(small)) == trainable and len(trainable) == 2 * 3 * 2 + 1

@@ -119,7 +119,7 @@ class RotaryEmbedding(nn.Module):
         self._seq_dependent = scaling is not None and scaling.kind in ("dynamic", "longrope")
         n = 0 if self._seq_dependent else max_seq_len
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
-        # LongRoPE's long-factor frequencies (the short ones are inv_freq); unused by the other kinds
+        # LongRoPE's long-factor frequencies (the short ones are inv_freq); the other kinds: a copy of inv_freq, unused
         self.register_buffer("inv_freq_long", torch.empty(head_dim // 2), persistent=False)
         self.register_buffer("cos_table", torch.empty(n, head_dim // 2), persistent=False)
         self.register_buffer("sin_table", torch.empty(n, head_dim // 2), persistent=False)
@@ -135,6 +135,8 @@ class RotaryEmbedding(nn.Module):
             orig = self.scaling.original_max_seq_len or self.max_seq_len
             long, _ = scaled_inv_freq(self.head_dim, self.theta, self.scaling, self.max_seq_len, orig + 1)
             self.inv_freq_long = long.float().to(self.inv_freq.device)
+        else:  # (unread: written so that it holds no uninitialised bits, which compared unequal at times as NaN)
+            self.inv_freq_long = self.inv_freq.clone()
         if not self._seq_dependent and self.cos_table.device.type != "meta":
             n = n_positions or max(self.cos_table.shape[0], self.max_seq_len)
             angles = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq

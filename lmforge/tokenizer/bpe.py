@@ -27,10 +27,10 @@ from typing import AbstractSet, Collection, Iterable, Iterator, Literal
 import numpy as np
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.tokenizer import agreement, formats
+from lmforge.tokenizer import agreement, formats, hf_json
 from lmforge.tokenizer.added import AddedVocabulary
 from lmforge.tokenizer.byte import FILE_NAME, end_of_text, without_surrogates
-from lmforge.tokenizer.formats import NORMAL_FORMS
+from lmforge.tokenizer.hf_json import NORMAL_FORMS
 from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, pieces_pattern,
                                            resolve_pattern, wraps_alone)
 from lmforge.tokenizer.reference import ReferenceEncoder
@@ -471,14 +471,14 @@ class Tokenizer:
     @classmethod
     def from_hf(cls, path: str | Path) -> "Tokenizer":
         """Import a byte-level BPE `tokenizer.json` (or a directory holding one)."""
-        return cls(**formats.read_hf(path))
+        return cls(**hf_json.read_hf(path))
 
     def save_hf(self, path: str | Path, *, chat_template=None, config: dict | None = None) -> Path:
         """Export `tokenizer.json` that HF `tokenizers` loads and encodes to the same ids (its encode's default
         add_special_tokens=True as this encode(text, add_special_tokens=True): prefix/suffix tokens in the
         post_processor), and the tokenizer_config.json beside it that keeps eos_token, bos_token and a chat
-        template (formats.write_hf_config); the tokenizer.json's path."""
-        return formats.write_hf(self, path, formats.hf_tokenizer_json(self), chat_template, config)
+        template (hf_json.write_hf_config); the tokenizer.json's path."""
+        return hf_json.write_hf(self, path, hf_json.hf_tokenizer_json(self), chat_template, config)
 
     @classmethod
     def from_tiktoken(cls, path: str | Path, special_tokens: dict[str, int] | None = None,

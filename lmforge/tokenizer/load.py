@@ -41,7 +41,7 @@ def _read_json(path: Path) -> dict:
 def _from_json(path: Path):
     from lmforge.tokenizer import sentencepiece
     from lmforge.tokenizer.bpe import Tokenizer
-    from lmforge.tokenizer.formats import is_sentencepiece
+    from lmforge.tokenizer.hf_json import is_sentencepiece
 
     data = _read_json(path)
     kind = data.get("type")

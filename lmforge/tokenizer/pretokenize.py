@@ -159,7 +159,7 @@ def compile_pattern(pat: str) -> regex.Pattern | _Pieces:
     return regex.compile(pat) if pat in PATTERNS.values() else _Pieces(pat)
 
 
-# Llama-3's split (its tokenizer.json Split regex as `formats.read_hf` reads it): a custom pattern, not cl100k's (it
+# Llama-3's split (its tokenizer.json Split regex as `hf_json.read_hf` reads it): a custom pattern, not cl100k's (it
 # splits trailing whitespace otherwise), but the `_SAFE_CUT` argument holds for it word for word (its punctuation run
 # takes "[\r\n]*" after it, no "/"), so a Llama-3 corpus is cut into chunks too: it was one chunk per file, read
 # whole by one worker. The tests check its cuts as they check the named patterns'.

@@ -44,7 +44,8 @@ from typing import Any, Iterable
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.byte import FILE_NAME, end_of_text, without_surrogates
-from lmforge.tokenizer.formats import _hf_added_specials, _read_json, hf_added_tokens, hf_eos_token, write_hf
+from lmforge.tokenizer.formats import _read_json
+from lmforge.tokenizer.hf_json import hf_added_specials, hf_added_tokens, hf_eos_token, write_hf
 from lmforge.tokenizer.pretokenize import special_regex
 from lmforge.utils import write_json_atomic
 
@@ -280,7 +281,7 @@ class SentencePieceBPE:
         # what a space becomes ("▁"): the Metaspace replacement, or what the normalizer replaces " " with
         self._spaces = {s[1] for s in self._pre_tokenizer if s[0] == "metaspace"}
         self._spaces |= {s[2] for s in self._normalizer if s[0] == "replace" and s[1] == " "}
-        before, after = _hf_added_specials(doc.get("post_processor"), self.special_tokens, where)
+        before, after = hf_added_specials(doc.get("post_processor"), self.special_tokens, where)
         self.prefix_tokens, self.suffix_tokens = tuple(before), tuple(after)
         # the added tokens split out of the raw text, and (normalized=true) out of the normalized text, whose
         # contents are matched normalized (HF's AddedVocabulary); encode_ordinary leaves the special ones' matches in
@@ -674,13 +675,13 @@ class SentencePieceBPE:
     def save_hf(self, path: str | Path, *, chat_template=None, config: dict | None = None) -> Path:
         """Write the tokenizer.json it was read from (into the directory `path`, or the .json file `path`) and the
         tokenizer_config.json beside it that keeps eos_token, bos_token and a chat template
-        (formats.write_hf_config); the tokenizer.json's path."""
+        (hf_json.write_hf_config); the tokenizer.json's path."""
         return write_hf(self, path, self.doc, chat_template, config)
 
     @classmethod
     def from_hf(cls, path: str | Path, doc: dict | None = None) -> "SentencePieceBPE":
         """Open a SentencePiece-style tokenizer.json (or the directory holding one; `doc`: its parsed text, where the
-        caller has read it), with the eos_token of a tokenizer_config.json beside it (formats.hf_eos_token)."""
+        caller has read it), with the eos_token of a tokenizer_config.json beside it (hf_json.hf_eos_token)."""
         path = Path(path)
         path = path / "tokenizer.json" if path.is_dir() else path
         doc = _read_json(path, "HF tokenizer file") if doc is None else doc

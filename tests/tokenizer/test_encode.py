@@ -157,7 +157,7 @@ def test_duplicate_merge_pair_takes_its_last_rank(tmp_path):
     """A pair listed twice ranks where it is listed last, as in HF tokenizers and GPT-2's encoder.py (lmforge
     kept the first: "bcc" gave b + cc instead of bc + c; found by a sweep, 2026-12)."""
     tokenizers = pytest.importorskip("tokenizers")
-    from lmforge.tokenizer.formats import hf_tokenizer_json
+    from lmforge.tokenizer.hf_json import hf_tokenizer_json
 
     vocab = {i: bytes([i]) for i in range(256)} | {256: b"cc", 257: b"bc"}
     tok = Tokenizer(vocab, [(b"c", b"c"), (b"b", b"c"), (b"c", b"c")])

@@ -201,7 +201,7 @@ def test_hf_ignore_merges_is_applied_kept_and_written(tmp_path):
     token, even one no merge builds ("xyz") or one BPE would build otherwise ("aaa" -> "aa" + "a"). It was
     ignored (found by a sweep against HF tokenizers, 2026-12)."""
     tokenizers = pytest.importorskip("tokenizers")
-    from lmforge.tokenizer.formats import hf_tokenizer_json
+    from lmforge.tokenizer.hf_json import hf_tokenizer_json
 
     vocab = {i: bytes([i]) for i in range(256)} | {256: b"aa", 257: b"aaa", 258: b"xyz"}
     doc = hf_tokenizer_json(Tokenizer(vocab, [(b"a", b"a"), (b"a", b"aa")], ["<|endoftext|>"]))

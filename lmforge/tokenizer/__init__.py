@@ -3,8 +3,8 @@
 Modules: byte (ByteTokenizer), bpe (Tokenizer), train (train_bpe), reference (pure-Python encoder),
 agreement (the fast path's check, its passes remembered on disk), pretokenize (split patterns and safe cut
 points), formats (GPT-2 / tiktoken files, byte <-> printable character tables), hf_json (HF tokenizer.json),
-sentencepiece (SentencePiece-style BPE tokenizer.json), corpus (files -> token shards, statistics), load
-(load_tokenizer).
+sentencepiece (SentencePiece-style BPE tokenizer.json, its normalizer / pre-tokenizer / decoder steps in
+sentencepiece_steps), corpus (files -> token shards, statistics), load (load_tokenizer).
 
 Every tokenizer offers: `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`, `eot_id`
 (the document-separator id or None), `save(path)`; `load_tokenizer(spec)` opens any of them.

@@ -218,17 +218,15 @@ def special_ids(tokenizer) -> frozenset[int]:
 def token_text_bytes(tokenizer, size: int) -> list[int]:
     """UTF-8 bytes of the text each token id < `size` stands for, for bits per byte (val_bpb, `lmforge tokenizer
     stats`): a special token (told by its id: special_ids) counts 0, an added token HF marks not special (Qwen3's
-    <think>) the bytes it decodes to (`token_bytes` where the tokenizer has it: a byte-level "Ġhello" is " hello", 6
-    bytes, not its text's 7), and so does a special whose id BPE also emits as an ordinary token (`shared_ids`: HF's
+    <think>) its text's bytes, and so does a special whose id BPE also emits as an ordinary token (`shared_ids`: HF's
     added "Ã" on byte 0xC3's id is that byte); a tokenizer without a `vocab` table (id -> bytes) is byte-level (ids <
     256: one byte)."""
     out = [0] * size
     vocab = getattr(tokenizer, "vocab", None)
     if isinstance(vocab, dict):
-        decoded = getattr(tokenizer, "token_bytes", None)
         for i, b in vocab.items():
             if i < size:
-                out[i] = len(decoded(i) if decoded is not None else b)
+                out[i] = len(b)
     else:
         out[:min(256, size)] = [1] * min(256, size)
     for i in special_ids(tokenizer) - getattr(tokenizer, "shared_ids", frozenset()):

@@ -239,15 +239,3 @@ def test_a_normalized_token_without_a_normalizer_stays_a_cut_point_and_needs_no_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tok.save_gpt2(tmp_path / "gpt2")
-
-
-def test_a_byte_level_added_token_counts_the_bytes_it_decodes_to_in_bits_per_byte():
-    """A byte-level added token that is not special ('Ġhello', HF decodes it ' hello') counts the 6 bytes it decodes
-    to in bits per byte, as the text a model's tokens stand for; token_text_bytes counted its spelling's 7."""
-    from lmforge.infer.detok import token_text_bytes
-
-    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], {"<|endoftext|>": 256, "Ġhello": 257},
-                    non_special=["Ġhello"])
-    sizes = token_text_bytes(tok, tok.vocab_size)
-    assert tok.decode([257]) == " hello" and sizes[256:] == [0, 6]
-    assert sum(sizes[i] for i in tok.encode("aĠhello b")) == len(tok.decode(tok.encode("aĠhello b")).encode())

@@ -239,3 +239,17 @@ def test_a_normalized_token_without_a_normalizer_stays_a_cut_point_and_needs_no_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tok.save_gpt2(tmp_path / "gpt2")
+
+
+def test_a_byte_level_added_token_counts_the_bytes_of_the_text_it_matches_in_bits_per_byte():
+    """Added tokens are matched in the raw text by their spelling: a non-special 'Ġhello' stands for the 7 bytes of
+    'Ġhello' in a corpus (text ' hello' never encodes to it), whatever HF's ByteLevel decoder turns it into (' hello'),
+    so bits per byte counts its spelling's UTF-8 bytes: the counts of a text's tokens sum to the text's bytes."""
+    from lmforge.infer.detok import token_text_bytes
+
+    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], {"<|endoftext|>": 256, "Ġhello": 257, "café": 258},
+                    non_special=["Ġhello", "café"])
+    sizes = token_text_bytes(tok, tok.vocab_size)
+    for text in ("aĠhello b", "I love café", "Ġhello"):
+        ids = tok.encode(text)
+        assert set(ids) & {257, 258} and sum(sizes[i] for i in ids) == len(text.encode())

@@ -338,6 +338,14 @@ def hf_added_tokens(added: Any, where: str, vocab: dict[str, int]) -> list[dict]
             raise DataError(f"{where}: added token {content!r} has {bad}={t[bad]!r}, not true or false; set it to "
                             "true or false in the file")
     ids = hf_added_ids([t["content"] for t in added], vocab)
+    held = {i: c for c, i in vocab.items() if isinstance(i, int)}
+    clash = next((t for t in added if t["content"] not in vocab and ids[t["content"]] in held), None)
+    if clash is not None:  # (HF itself gives that id two meanings: its vocabulary's ids have a gap)
+        c = clash["content"]
+        raise DataError(f"{where}: added token {c!r} (id {clash['id']} in the file) takes id {ids[c]} in HF "
+                        f"tokenizers, which numbers added tokens from the vocabulary's entry count ({len(vocab)}), "
+                        f"and id {ids[c]} is the vocabulary's {held[ids[c]]!r}: the vocabulary's ids leave a gap; "
+                        "number model.vocab 0..N-1 without gaps")
     # (one spelled as a model.vocab entry takes that entry's id silently, as it always did here)
     moved = [f"{t['content']!r} {t['id']} -> {ids[t['content']]}" for t in added
              if t["id"] != ids[t["content"]] and t["content"] not in vocab]

@@ -4,6 +4,7 @@ file, the token and the fix, in both readers (byte-level and SentencePiece-style
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 import pytest
@@ -145,3 +146,19 @@ def test_sentencepiece_added_token_ids_are_those_hf_gives(tmp_path):
     hf = tokenizers.Tokenizer.from_file(str(path))
     assert ours.special_tokens["<b>"] == hf.token_to_id("<b>") == n
     assert ours.encode("king<a>queen<b>") == hf.encode("king<a>queen<b>", add_special_tokens=False).ids
+
+
+def test_an_added_id_hf_gives_a_vocab_entry_too_is_refused_naming_the_gap(tmp_path):
+    """A vocabulary whose ids leave a gap (its last entry moved from n - 1 to n): HF numbers an added token from the
+    entry count, n, the id that entry holds (HF gives the id two meanings). It was 'special token ... collides with
+    token ...' naming no fix; now one line naming the file's id, HF's, the entry and the fix."""
+    doc = json.loads(_byte_level_doc())
+    vocab = doc["model"]["vocab"]
+    n = len(vocab)
+    last = max(vocab, key=vocab.get)
+    vocab[last] = n
+    doc["added_tokens"] += [_token("<b>", n + 1)]
+    with pytest.raises(DataError, match=rf"added token '<b>' \(id {n + 1} in the file\) takes id {n} in HF tokenizers"
+                                        rf".* is the vocabulary's {re.escape(repr(last))}: the vocabulary's ids "
+                                        r"leave a gap; number model.vocab 0..N-1 without gaps$"):
+        load_tokenizer(_write(tmp_path, doc))

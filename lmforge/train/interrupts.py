@@ -187,7 +187,7 @@ class Interrupts:
     @staticmethod
     def _say_resume_point(trainer: Trainer) -> None:
         """After a second signal stopped the interrupt's checkpoint mid-write: which checkpoint a run started again
-        resumes from (the newest complete one on disk, as Trainer._maybe_resume takes it)."""
+        resumes from (the newest complete one on disk, as lmforge.train.resume takes it)."""
         found = ckpt.checkpoint_dirs(trainer.run_dir)
         where = (f"the last complete checkpoint is step {int(found[-1].name.removeprefix('step_'))} ({found[-1]}); "
                  "run the same command again to resume from it" if found else

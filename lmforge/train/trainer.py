@@ -11,7 +11,10 @@ and Objective (lmforge.train.objective); `Trainer(cfg)` with a TrainConfig build
 One optimizer step = grad_accum micro-batches, mean loss backward, global-norm clipping, the scheduled
 learning rate, optimizer step. Every eval_every steps the evaluator runs (validation loss / perplexity /
 bits-per-byte for pretraining). Checkpoints hold everything needed to resume bit-exactly: weights,
-optimizer (refused if it was another optimizer), data-source, objective and RNG state.
+optimizer (refused if it was another optimizer), data-source, objective and RNG state (written and read back
+by lmforge.train.resume). Beside the loop: lmforge.train.rundir refuses an unusable run_dir and locks it
+against a second process; lmforge.train.param_groups checks that the optimizer holds exactly the model's
+trainable parameters and keeps a resumed run's optimizer settings.
 
 N processes (torchrun, `lmforge train --nproc N`): a lmforge.parallel.runner.ParallelRunner is the step
 strategy (`Trainer(..., runner=runner)`; pretraining builds it from [parallel]). Each micro-batch is this
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,18 +45,20 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from lmforge import checkpoint as ckpt
-from lmforge.config import to_dict, with_defaults
+from lmforge.config import to_dict
 from lmforge.errors import ConfigError, DataError, TrainingDiverged
 from lmforge.model.layers.moe import MoE, load_uncounted, update_expert_biases
 from lmforge.optim import lr_multiplier
 from lmforge.train import distributed as ddp
 from lmforge.train.config import LoopConfig, TrainConfig, uses_bf16
-from lmforge.train.interrupts import Interrupts, rng_state, set_rng_state
+from lmforge.train.interrupts import Interrupts
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
 from lmforge.train.objective import (Batch, DataSource, Objective, checked_loss, checked_metrics, combined_metrics,
                                      metric_terms)
-from lmforge.utils import check_output_path, run_metadata, write_json_atomic
+from lmforge.train.param_groups import GROUP_START, check_optimizer_params, group_start
+from lmforge.train.resume import resume_or_start, save_trainer
+from lmforge.train.rundir import RunDirLock, check_run_dir
+from lmforge.utils import run_metadata, write_json_atomic
 
 if TYPE_CHECKING:
     from lmforge.parallel.runner import ParallelRunner
@@ -111,148 +115,6 @@ def batch_rows(batch: Batch) -> int:
     return len(next(iter(batch.values())))
 
 
-def optimizer_name(optimizer: torch.optim.Optimizer, cfg: LoopConfig) -> str:
-    return f"{cfg.optim.name}/{type(optimizer).__name__}"
-
-
-def _check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every parameter the optimizer updates must be the model's: checkpoints save the model's parameters
-    (and name the optimizer state by them), so one held elsewhere would be trained, then lost or refused. And
-    every trainable parameter of the model must be the optimizer's: one it lacks (an optimizer built before
-    apply_lora or before a head was added) would get gradients that nothing applies."""
-    mine = {id(p) for p in model.parameters()}
-    held = set()
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            if id(p) not in mine:
-                raise ConfigError(f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the "
-                                  f"model, so checkpoints would not save it; make the module that owns it (a value "
-                                  f"head, a reward head...) a submodule of the trained model")
-            held.add(id(p))
-    lacking = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
-    if lacking:
-        names = ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else "")
-        raise ConfigError(f"the optimizer lacks {len(lacking)} of the model's trainable parameters ({names}), which "
-                          "would never be updated; build the optimizer after apply_lora / freezing / adding heads "
-                          "(from the model as it trains), or set requires_grad=False on those meant to stay fixed")
-
-
-GROUP_COUNTERS = ("step",)
-"""Keys of an optimizer's param_groups that count what the optimizer has done (a per-group step count, where an
-optimizer keeps one there): a resume keeps them from the checkpoint, also one saved before GROUP_START was."""
-GROUP_START = "start_settings"
-"""The key under which each param_group keeps its other keys as they were when the run's Trainer was built (its
-settings, and the counters an optimizer keeps in its groups at their initial values): saved with the group, so
-a resume can tell the keys that the run moved (counters such as schedule-free's k and weight_sum or Prodigy's
-d, which those optimizers also list among their constructor defaults) from the settings."""
-GROUP_SCHEDULED = ("lr",)
-"""Keys the Trainer itself sets at every step (lr from base_lr and the schedule): settings, never counters."""
-
-
-def _group_start(group: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in group.items()
-            if k not in ("params", GROUP_START)}
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.equal(b)
-    try:
-        return bool(a == b)
-    except (TypeError, ValueError, RuntimeError):
-        return False
-
-
-def _keep_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]]) -> None:
-    """After optimizer.load_state_dict (which also restores the saved param_groups' lr, base_lr, weight_decay,
-    betas...): each group's settings back to those this run's optimizer was built with, so a resume with a new
-    optim.lr or weight_decay trains with them, as its 'settings changed' line says. Groups are matched by
-    position: loading maps the checkpoint's groups onto this optimizer's own, in its order (by the parameters'
-    names under a ParallelRunner). The per-parameter state and keys only the checkpoint's groups hold (ones an
-    optimizer adds as it steps) stay as loaded, and so do the group's counters: GROUP_COUNTERS, and every key the
-    checkpoint's run moved away from its start (GROUP_START) that this run starts at the same value (a key whose
-    start the config changed takes the config's value; lr is the Trainer's own, GROUP_SCHEDULED)."""
-    for group, mine in zip(optimizer.param_groups, settings, strict=True):
-        start = group.get(GROUP_START)  # the checkpoint's run's; None in a checkpoint saved before it was kept
-
-        def counter(k: str) -> bool:
-            if k not in group:
-                return False
-            if k in GROUP_COUNTERS:
-                return True
-            return (isinstance(start, dict) and k in start and k not in GROUP_SCHEDULED and k != GROUP_START
-                    and _same(mine[k], start[k]) and not _same(group[k], start[k]))
-
-        group.update({k: v for k, v in mine.items() if not counter(k)})
-
-
-def check_run_dir(run_dir: str | Path) -> None:
-    """Refuses a run_dir that is empty, or is or lies under an existing file (its metrics log and checkpoints
-    could not be written), before anything is built."""
-    check_output_path(run_dir, "run_dir", flag="--run-dir")
-
-
-class RunDirLock:
-    """An exclusive, non-blocking lock on RUN_DIR/.lock (flock), so a second process training into the same
-    run_dir is refused instead of interleaving its metrics and checkpoints with the first one's. The kernel
-    drops it when the process dies (a SIGKILL leaves no stale lock); the file holds the holder's PID."""
-
-    _held: dict[Path, "RunDirLock"] = {}  # the run_dirs this process holds (a conflict there may be garbage)
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-        self._file = None
-
-    @property
-    def held(self) -> bool:
-        return self._file is not None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # no flock (Windows): no protection
-            return
-        if self._file is not None:
-            return
-        key = self.path.resolve()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
-        try:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                if key not in RunDirLock._held:
-                    raise
-                # held in this process: by a Trainer nothing refers to any more (a notebook cell run again), whose
-                # reference cycle only the collector frees - collect it, and its lock with it, then try once more
-                import gc
-
-                gc.collect()
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            mine = " (another Trainer of this process: call its close() or let its fit end)" if key in \
-                RunDirLock._held else ""
-            raise ConfigError(f"run_dir {str(self.path.parent)!r} is in use by another training process (PID "
-                              f"{holder}){mine}; wait for it to end or stop it, or use another run_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._file = f
-        RunDirLock._held[key] = self
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the file drops the flock
-            self._file = None
-            key = self.path.resolve()
-            if RunDirLock._held.get(key) is self:
-                del RunDirLock._held[key]
-
-
 class Trainer:
     """hooks: objects with any of on_step_end(trainer, stats), on_log(trainer, row), on_eval(trainer,
     metrics), on_save(trainer, path). evaluator: model -> dict of floats (run under no_grad and eval
@@ -303,10 +165,10 @@ class Trainer:
         self.hooks, self.evaluator, self.tokenizer = list(hooks), evaluator, tokenizer
         self.extra_meta = dict(extra_meta or {})
         self.base = base
-        _check_optimizer_params(self.model, self.optimizer)
+        check_optimizer_params(self.model, self.optimizer)
         for g in self.optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
-            g.setdefault(GROUP_START, _group_start(g))  # a resume tells the counters the run moves by it
+            g.setdefault(GROUP_START, group_start(g))  # a resume tells the counters the run moves by it
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.evaluated_step = -1  # the last step whose evaluation metrics.jsonl holds (a checkpoint keeps it)
         use_bf16 = uses_bf16(cfg, self.device)
@@ -334,18 +196,10 @@ class Trainer:
         if self.rank == 0:  # held from before the resume reads the run_dir until fit ends (or close())
             self._lock.acquire()
         try:
-            self._resume_or_start()
+            resume_or_start(self)
         except BaseException:
             self._lock.release()
             raise
-
-    def _resume_or_start(self) -> None:
-        if self.cfg.resume:
-            self._maybe_resume()
-        elif ckpt.checkpoint_dirs(self.run_dir):
-            # a fresh run must not mix its metrics and checkpoints with an older run's
-            raise ConfigError(f"run_dir {self.run_dir} already holds checkpoints of another run and resume=False; "
-                              "use a new run_dir, set resume=true to continue it, or delete it")
 
     def close(self) -> None:
         """Release the run_dir for another process (fit does this when it ends; a later fit takes it again)."""
@@ -356,150 +210,9 @@ class Trainer:
         if lock is not None:
             lock.release()
 
-    # state ---------------------------------------------------------------------------------------
-    def _train_state(self, optimizer_state: dict[str, Any], names: list[str],
-                     data_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-                "evaluated_step": self.evaluated_step,
-                "optimizer": optimizer_state, "optimizer_name": optimizer_name(self.optimizer, self.cfg),
-                "optimizer_params": names,  # parameter names in id order: any layout maps the state back
-                "data": self.data.state_dict(), "objective": self.objective.state_dict(), **rng_state(),
-                **({"data_ranks": data_ranks} if data_ranks is not None else {})}
-
-    def _rank_data_states(self) -> list[dict[str, Any]] | None:
-        """Every rank's data-source state (one all-gather), for a source whose state differs per rank
-        (`per_rank_state = True`: an RL source holding its rank's share of a rollout between the PPO
-        epochs over it); None for the others, whose rank 0 state every rank resumes from."""
-        if self.world == 1 or not getattr(self.data, "per_rank_state", False):
-            return None
-        states: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(states, self.data.state_dict())
-        return states
-
-    def _data_state(self, state: dict[str, Any], path: Path) -> dict[str, Any]:
-        """This rank's data-source state in a checkpoint: its own where each rank's was saved."""
-        ranks = state.get("data_ranks")
-        if ranks is None:
-            return state["data"] if "data" in state else state["sampler"]
-        if len(ranks) != self.world:
-            raise ConfigError(f"{path} holds the data-source state of each of its {len(ranks)} processes (a "
-                              f"per_rank_state source, e.g. rollouts between their PPO epochs), which cannot be dealt "
-                              f"to {self.world}; resume on {len(ranks)} processes, or from a checkpoint written at a "
-                              "rollout boundary")
-        return ranks[self.rank]
-
     def save(self) -> Path:
-        if self.runner is not None:  # full weights and optimizer state gathered on rank 0: an ordinary checkpoint
-            weights, opt_state, names = ddp.gather_states(self.runner, self.optimizer)
-            model = ddp.Gathered(self.model, weights)
-        else:
-            model, opt_state = self.model, self.optimizer.state_dict()
-            names = ddp.param_names(self.model, self.optimizer)
-        data_ranks = self._rank_data_states()  # every rank takes part
-        if self.rank == 0:
-            self.last_checkpoint = ckpt.save_checkpoint(
-                self.run_dir, self.step, model, train_state=self._train_state(opt_state, names, data_ranks),
-                tokenizer=self.tokenizer, keep_last=self.cfg.keep_last,
-                extra={"tokens": self.tokens, **self.extra_meta}, base=self.base)
-        if self.world > 1:
-            torch.distributed.barrier()  # no rank reads it (or moves on to resume) before it is written
-            self.last_checkpoint = ddp.checkpoint_path(self.run_dir, self.step)
-        self._call("on_save", self.last_checkpoint)
-        return self.last_checkpoint
-
-    def _load_weights_and_optimizer(self, state: dict[str, Any], path: Path, partial: bool) -> None:
-        """partial: an adapter-only checkpoint, whose frozen parameters are the model's own (its base)."""
-        # checkpoints written before the names were stored: the optimizer's own order (every layout but pp)
-        names = state.get("optimizer_params") or ddp.param_names(self.model, self.optimizer)
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        if self.runner is None:
-            ckpt.load_weights(self.model, path, set(self.model.state_dict()) - ckpt.frozen_names(self.model)
-                              if partial else None)
-            if names != ddp.param_names(self.model, self.optimizer) and not self.cfg.reset_optimizer:
-                raise ConfigError(f"{path}: the optimizer state lists its parameters in another order than this "
-                                  "optimizer; use the same optim settings, or set reset_optimizer=true")
-            self._load_optimizer(state, path)
-        else:
-            from safetensors.torch import load_file
-
-            reset = self.cfg.reset_optimizer
-            self._load_optimizer(state, path, check_only=True)
-            ddp.load_states(self.model, self.optimizer, load_file(str(path / "model.safetensors")),
-                            None if reset else state["optimizer"], names, partial=partial)
-        _keep_group_settings(self.optimizer, settings)
-
-    def _load_optimizer(self, state: dict[str, Any], path: Path, check_only: bool = False) -> None:
-        saved, now = state.get("optimizer_name"), optimizer_name(self.optimizer, self.cfg)
-        if self.cfg.reset_optimizer:
-            tqdm.write(f"reset_optimizer: {now} starts with fresh state (checkpoint had {saved or 'unknown'})")
-            return
-        if saved is not None and saved != now:
-            raise ConfigError(f"{path} was trained with optimizer {saved} but the config says {now}; resume with "
-                              f"the same optim.name, or set reset_optimizer=true to start {now} fresh")
-        if check_only:
-            return
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, ValueError) as e:
-            raise ConfigError(f"{path}: the optimizer state does not fit this optimizer ({e!r}); use the same "
-                              "optim settings, or set reset_optimizer=true to start it fresh") from e
-
-    def _maybe_resume(self) -> None:
-        for p in (ckpt.clean_partial(self.run_dir) if self.rank == 0 else []):
-            tqdm.write(f"removed {p} (a checkpoint a killed run did not finish writing)")
-        found = ckpt.checkpoint_dirs(self.run_dir)
-        if not found:
-            return
-        path = found[-1]
-        meta = ckpt._verify(path)
-        if "model" in meta and hasattr(self.model, "cfg"):
-            ckpt.check_same_model(meta["model"], self.model.cfg)
-        if "model" in meta:  # LoRA runs: the same adapters (an alpha change keeps the shapes, not the function)
-            saved = meta.get("lora", {})
-            now = {k: list(v) for k, v in _lora_now(self.model).items()}  # (not model_meta: no meta-model build)
-            if saved != now:
-                k = next(iter(sorted(set(saved) ^ set(now)) or [n for n in saved if saved[n] != now.get(n)]))
-                raise ConfigError(f"{path} was trained with LoRA adapter {k} = {saved.get(k)} ([r, scale]) but the "
-                                  f"model has {now.get(k)}; use the run's LoRA settings or a new run_dir")
-        self._check_base(meta.get("base"), path)
-        state = ckpt.load_train_state(path)
-        self._load_weights_and_optimizer(state, path, partial=bool(meta.get("base")))
-        self.data.load_state_dict(self._data_state(state, path))
-        self.objective.load_state_dict(state.get("objective", {}))
-        set_rng_state(state)
-        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
-        self.evaluated_step = state.get("evaluated_step", self.step)  # older checkpoints: taken as evaluated
-        self.metrics.truncate_after(self.step)
-        self.last_checkpoint = path
-        if self.rank == 0:
-            tqdm.write(f"resumed from {path} at step {self.step}")
-            changed = changed_settings(self.run_dir / "config.json", to_dict(self.cfg), type(self.cfg))
-            if changed:
-                notes = ["the learning-rate schedule follows the new max_steps"] if "max_steps " in changed else []
-                if changed.startswith("seed ") or ", seed " in changed:
-                    notes.append("the data order and random state continue from the checkpoint, not from the new "
-                                 "seed; a post-training data source shuffles its later epochs with it")
-                why = f" ({'; '.join(notes)})" if notes else ""
-                tqdm.write(f"settings changed since the run's last start: {changed}{why}")
-            if self.step >= self.cfg.max_steps:
-                tqdm.write(f"the run is already at step {self.step} >= max_steps={self.cfg.max_steps}: nothing to "
-                           "train; raise max_steps to continue it")
-
-    def _check_base(self, saved: dict[str, Any] | None, path: Path) -> None:
-        """An adapter-only checkpoint resumes onto a model built on the base it records (the same weights,
-        the same merge; the path may have moved); a full one onto any model."""
-        if not saved:
-            return
-        if self.base is None:
-            raise ConfigError(f"{path} is adapter-only (its base {saved['path']} is not in it) but this run saves "
-                              "full checkpoints; resume as it started ([lora] save = 'adapters', Trainer(base=...)) "
-                              "or use a new run_dir")
-        now = {k: self.base.get(k) for k in ("sha256", "merge_lora")}
-        if now != {k: saved.get(k) for k in now}:
-            raise ConfigError(f"{path} trained adapters over the base {saved['path']} (sha256 {saved['sha256']}, "
-                              f"merge_lora {saved.get('merge_lora')}), but this run starts from {self.base['path']} "
-                              f"(sha256 {self.base['sha256']}, merge_lora {self.base.get('merge_lora')}); resume "
-                              "from that base (init) or use a new run_dir")
+        """Write a checkpoint of the current step (lmforge.train.resume.save_trainer) and return its path."""
+        return save_trainer(self)
 
     # steps ---------------------------------------------------------------------------------------
     def _call(self, name: str, *args) -> None:
@@ -937,31 +650,6 @@ class Trainer:
                            self.interrupts.reason if self.step < cfg.max_steps else None)
 
 
-def changed_settings(saved_config: Path, now: dict[str, Any], cls: type | None = None, most: int = 6) -> str:
-    """'key old -> new, ...' for the settings that differ from a run directory's config.json ('' when it is
-    missing or nothing differs; run_dir, resume and progress are not settings of the run). With the config's
-    class, a setting the run's lmforge did not have yet reads as its default (not as 'None -> 0.0')."""
-    import json
-
-    try:
-        before = json.loads(saved_config.read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    if cls is not None and isinstance(before, dict):
-        before = with_defaults(cls, before)
-
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix[:-1]: d}
-        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
-
-    a, b = flat(before), flat(json.loads(json.dumps(now, default=str)))  # as config.json holds it
-    skip = {"run_dir", "resume", "progress"}
-    diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in skip and a.get(k) != b.get(k)]
-    return ", ".join(diff[:most]) + (f" and {len(diff) - most} more" if len(diff) > most else "")
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as `lmforge train` does: build model, data and optimizer from `cfg` and run to max_steps."""
     return Trainer(cfg).fit()
@@ -975,12 +663,3 @@ def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def _lora_now(model) -> dict:
-    """The model's unmerged adapters as a checkpoint records them (checkpoint.model_meta's "lora"; a head on a
-    backbone: the backbone's)."""
-    from lmforge.adapt.lora import lora_record
-
-    if getattr(model, "head_record", None) is not None and hasattr(model, "backbone"):
-        model = model.backbone
-    return lora_record(model)

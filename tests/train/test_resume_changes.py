@@ -9,7 +9,8 @@ import torch
 
 from lmforge import checkpoint as ckpt
 from lmforge.optim.config import OptimConfig
-from lmforge.train.trainer import GROUP_START, Trainer, _group_start, _keep_group_settings
+from lmforge.train.param_groups import GROUP_START, group_start, keep_group_settings
+from lmforge.train.trainer import Trainer
 
 from .helpers import make_shard, tiny_config
 
@@ -61,7 +62,7 @@ def test_per_parameter_state_and_group_counters_stay_as_loaded():
     after.param_groups[0]["step"] = 0
     settings = [{k: v for k, v in g.items() if k != "params"} for g in after.param_groups]
     after.load_state_dict(state)
-    _keep_group_settings(after, settings)
+    keep_group_settings(after, settings)
     g = after.param_groups[0]
     assert (g["lr"], g["weight_decay"], g["betas"], g["step"]) == (1e-3, 0.0, (0.8, 0.9), 5)
     assert after.state[p]["exp_avg"].equal(before.state[p]["exp_avg"]) and int(after.state[p]["step"]) == 1
@@ -131,7 +132,7 @@ def test_which_group_keys_a_resume_keeps_from_the_checkpoint():
 
     def opt(lr=1e-2, weight_decay=0.1):
         o = CountingSGD([p], lr=lr, weight_decay=weight_decay)
-        o.param_groups[0][GROUP_START] = _group_start(o.param_groups[0])  # as the Trainer does
+        o.param_groups[0][GROUP_START] = group_start(o.param_groups[0])  # as the Trainer does
         return o
 
     before = opt()
@@ -144,17 +145,17 @@ def test_which_group_keys_a_resume_keeps_from_the_checkpoint():
     after = opt(weight_decay=0.0)
     settings = [{k: v for k, v in g.items() if k != "params"} for g in after.param_groups]
     after.load_state_dict(saved)
-    _keep_group_settings(after, settings)
+    keep_group_settings(after, settings)
     g = after.param_groups[0]
     assert (g["k"], g["weight_sum"], g["weight_decay"], g["lr"]) == (2, 2e-2, 0.0, 1e-2)
     assert g[GROUP_START] == settings[0][GROUP_START]
 
     other = CountingSGD([p], lr=1e-2)  # a new start for k (a setting the config changed): the config's
     other.param_groups[0]["k"] = 10
-    other.param_groups[0][GROUP_START] = _group_start(other.param_groups[0])
+    other.param_groups[0][GROUP_START] = group_start(other.param_groups[0])
     settings = [{k: v for k, v in g.items() if k != "params"} for g in other.param_groups]
     other.load_state_dict(saved)
-    _keep_group_settings(other, settings)
+    keep_group_settings(other, settings)
     assert other.param_groups[0]["k"] == 10
 
     old = {**saved, "param_groups": [{k: v for k, v in g.items() if k != GROUP_START} for g in saved["param_groups"]]}
@@ -163,7 +164,7 @@ def test_which_group_keys_a_resume_keeps_from_the_checkpoint():
     legacy = opt()
     settings = [{k: v for k, v in g.items() if k != "params"} for g in legacy.param_groups]
     legacy.load_state_dict(old)
-    _keep_group_settings(legacy, settings)
+    keep_group_settings(legacy, settings)
     assert (legacy.param_groups[0]["k"], legacy.param_groups[0]["step"]) == (0, 7)
 
 

@@ -145,7 +145,7 @@ def test_a_checkpoint_records_the_bos_token_id_and_loads_it_without_its_tokenize
     assert tok.bos_id is None and load_model(tmp_path / "hf_tok", tokenizer=False)[0].bos_token_id == 7
     assert main(["export", str(tmp_path / "hf_tok"), str(tmp_path / "hf_tok_out")]) == 0  # (export said null)
     assert json.loads((tmp_path / "hf_tok_out" / "config.json").read_text())["bos_token_id"] == 7
-    monkeypatch.setattr(checkpoint, "bos_record", lambda model, tokenizer: {})  # an older lmforge's checkpoint
+    monkeypatch.setattr(checkpoint.save, "bos_record", lambda model, tokenizer: {})  # an older lmforge's checkpoint
     save_checkpoint(tmp_path / "old", 1, tiny(tok.vocab_size), tokenizer=with_bos)
     old = tmp_path / "old" / "checkpoints" / "step_000001" / "config.json"
     assert "bos_token_id" not in json.loads(old.read_text())

@@ -279,9 +279,11 @@ def test_a_hf_directory_is_hashed_once_until_its_files_change(tmp_path, monkeypa
     read again. The identity is the same either way."""
     _tiny_hf_dir(tmp_path / "hf")
     monkeypatch.setenv(ckpt.HASH_CACHE_ENV, str(tmp_path / "cache"))
+    from lmforge.checkpoint import identity  # (where checkpoint_identity reads sha256_file)
+
     reads, plain = [], ckpt.sha256_file
-    monkeypatch.setattr(ckpt, "sha256_file", lambda p: reads.append(p.name) or plain(p))
-    with pytest.raises(ckpt.ConfigError, match="is not an adapter-only lmforge checkpoint .*nothing to rebase"):
+    monkeypatch.setattr(identity, "sha256_file", lambda p: reads.append(p.name) or plain(p))
+    with pytest.raises(ConfigError, match="is not an adapter-only lmforge checkpoint .*nothing to rebase"):
         ckpt.rebase(tmp_path / "hf", tmp_path / "hf")  # (a HF directory has no base to move)
     first = ckpt.checkpoint_identity(tmp_path / "hf")
     assert reads == ["model.safetensors"] and len(list((tmp_path / "cache").iterdir())) == 1

@@ -354,7 +354,9 @@ def test_a_second_signal_during_the_interrupts_checkpoint_names_the_resume_point
     cfg = tiny_config(shard, tmp_path / "run", max_steps=20, eval_every=10, ckpt_every=5)
     tr = Trainer(cfg)
     _arm(tr, "forward", _Interrupt(tr, kind))
-    real, sig = ckpt._write, getattr(signal, kind.upper())
+    from lmforge.checkpoint import save  # (where save_checkpoint calls _write)
+
+    real, sig = save._write, getattr(signal, kind.upper())
 
     def slow_write(tmp, step, *a):
         real(tmp, step, *a)
@@ -364,7 +366,7 @@ def test_a_second_signal_during_the_interrupts_checkpoint_names_the_resume_point
     def unhandled(signum, frame):  # (stands for SIG_DFL: a failure here, not a killed test run)
         raise RuntimeError(f"{signal.Signals(signum).name} reached the handler it had before fit")
 
-    monkeypatch.setattr(ckpt, "_write", slow_write)
+    monkeypatch.setattr(save, "_write", slow_write)
     before = signal.signal(sig, unhandled) if sig != signal.SIGINT else None
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -377,5 +379,5 @@ def test_a_second_signal_during_the_interrupts_checkpoint_names_the_resume_point
     out = capsys.readouterr().out
     assert (f"stopped while writing the step {K + 1} checkpoint, which was not kept: the last complete checkpoint "
             f"is step 5 ({last}); run the same command again to resume from it") in out
-    monkeypatch.setattr(ckpt, "_write", real)
+    monkeypatch.setattr(save, "_write", real)
     assert _losses(train(cfg)) == full

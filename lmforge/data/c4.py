@@ -110,6 +110,11 @@ def _line_rule(line: str, cfg: C4Config) -> str | None:
 
 def clean_c4(text: str, cfg: C4Config, ctx: StageContext | None = None) -> tuple[str | None, str]:
     """(cleaned text, "") or (None, page rule) when the page is rejected."""
+    return _clean(text, cfg, _bad_words_pattern(cfg.bad_words_file, cfg.bad_words), ctx)
+
+
+def _clean(text: str, cfg: C4Config, bad: re.Pattern | None, ctx: StageContext | None) -> tuple[str | None, str]:
+    """clean_c4 with the bad-words pattern looked up by the caller (the stage: once a batch)."""
     kept = []
     sentences = 0
     for line in text.splitlines():  # as TFDS's clean_page: \r, \x0b, \x0c, \x85, U+2028, U+2029 end lines too
@@ -130,7 +135,6 @@ def clean_c4(text: str, cfg: C4Config, ctx: StageContext | None = None) -> tuple
         elif ctx is not None:
             ctx.count(f"c4.line_{rule}")
     out = "\n".join(kept)
-    bad = _bad_words_pattern(cfg.bad_words_file, cfg.bad_words)
     if bad is not None and bad.search(out.lower()):
         return None, "bad_words"
     if sentences < cfg.min_sentences:
@@ -140,9 +144,13 @@ def clean_c4(text: str, cfg: C4Config, ctx: StageContext | None = None) -> tuple
 
 def c4(cfg: C4Config, docs: list[Document], ctx: StageContext) -> list[Document]:
     """Apply C4's line and page rules; reason `c4:<page rule>`. `meta.c4_lines_removed`: the lines a line
-    rule removed (blank lines, also dropped, are not counted)."""
+    rule removed (blank lines, also dropped, are not counted). The bad-words pattern is looked up once a batch: its
+    cache checks the file's stamps (a path resolved, the file stat'ed) on each lookup, and one a document cost 45 us
+    a document against 33 once a batch with no bad_words_file, 81 against 41 with a 400-word one (batches of 1000
+    8-line pages, best of 5, a loaded 2-core box, 2026-12-07)."""
+    bad = _bad_words_pattern(cfg.bad_words_file, cfg.bad_words)
     for d in docs:
-        out, rule = clean_c4(d.text, cfg, ctx)
+        out, rule = _clean(d.text, cfg, bad, ctx)
         if out is None:
             ctx.count(f"c4.{rule}")
             d.reject(f"c4:{rule}")

@@ -151,6 +151,26 @@ def test_c4_bad_words_file_edited_in_the_process_is_read_again(tmp_path):
     assert c4(cfg, doc(), StageContext())[0].drop == "c4:bad_words"
 
 
+def test_the_c4_stage_looks_its_bad_words_file_up_once_a_batch_not_once_a_document(tmp_path, monkeypatch):
+    """clean_c4 looked the pattern up (a path resolved twice and the file stat'ed) for every document: 31.5 -> 43.2
+    us a document with no bad_words_file, 39.5 -> 80 with a 400-word one. The stage looks it up once a batch."""
+    import os
+
+    f = tmp_path / "bad.txt"
+    f.write_text("flooded\n")
+    stats, real = [], os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: stats.append(os.fspath(p)) or real(p, *a, **k))
+    cfg = C4Config(bad_words_file=str(f))
+    per_batch = []
+    for n in (1, 50):
+        stats.clear()
+        out = c4(cfg, [Document(id=str(i), text=GOOD + (" It flooded." if i % 2 else "")) for i in range(n)],
+                 StageContext())
+        assert [d.drop for d in out] == [None, "c4:bad_words"] * (n // 2) + [None] * (n % 2)
+        per_batch.append(stats.count(str(f)))
+    assert 1 <= per_batch[0] == per_batch[1] <= 4  # the batch's lookup, not one for each of the 50 documents
+
+
 C4_BODY = ("The river flooded the valley after three days of rain.\nFarmers moved their animals to higher ground.\n"
            "The army helped to build walls of sandbags.\nSchools were closed for the week.\n"
            "Everyone hopes that the water will go down soon!")

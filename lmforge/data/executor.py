@@ -62,6 +62,12 @@ class RunLayout:
     def rejected(self, p: int, shard: str) -> Path:
         return self.root / "rejected" / f"p{p}-{shard}.jsonl"
 
+    def stage_done(self, label: str) -> bool:
+        """Whether a shard went through the stage of this label (`stage_labels`): its phase holds a marker."""
+        labels = iter(stage_labels(self.cfg))
+        phase_of = {next(labels): p for p, phase in enumerate(phases(self.cfg.built_stages())) for _ in phase}
+        return any(self.marker(phase_of[label], "*").parent.glob("*.done.json"))
+
 
 def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path]
                 ) -> tuple[list[Document], list[Document], list[dict[str, Any]]]:
@@ -87,7 +93,7 @@ def run_map_shard(cfg: PipelineConfig, p: int, shard: str, files: list[Path],
     """One shard through one map phase (runs in a worker process). `fixed`: the files the stages read, as the run
     found them at its start (`pipeline.stage_files`), checked before the shard and before its marker is written."""
     layout = RunLayout(cfg)
-    check_stage_files(cfg, fixed, layout.root)
+    check_stage_files(cfg, fixed, layout.root, done=layout.stage_done)
     stages = phases(cfg.built_stages())[p]
     labels = stage_labels(cfg)
     first = sum(len(ph) for ph in phases(cfg.built_stages())[:p])
@@ -98,7 +104,7 @@ def run_map_shard(cfg: PipelineConfig, p: int, shard: str, files: list[Path],
         rec["name"] = labels[first + k]
         dropped += gone
         records.append(rec)
-    check_stage_files(cfg, fixed, layout.root)
+    check_stage_files(cfg, fixed, layout.root, done=layout.stage_done)
     return _finish_shard(cfg, layout, p, shard, live, dropped, records, ctx.counters)
 
 
@@ -134,7 +140,7 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]],
     t0 = time.perf_counter()
     out = spec.fn(scfg, all_live, ctx) if all_live else []
     seconds = time.perf_counter() - t0
-    check_stage_files(cfg, fixed, layout.root)
+    check_stage_files(cfg, fixed, layout.root, done=layout.stage_done)
     mine: dict[str, list[Document]] = {s: [] for s in per_shard}
     names = sorted(per_shard)
     for d in out:  # a document the stage added has no owner: a hash of its id picks one, the same every run
@@ -299,11 +305,9 @@ def _check_files_used(cfg: PipelineConfig, old: dict[str, list[list]], now: dict
     stage (its phase holds a marker): the shards done used the old file, the rest would use the new one. A stage no
     shard has reached yet takes the files as they are now."""
     layout = RunLayout(cfg)
-    labels = iter(stage_labels(cfg))
-    phase_of = {next(labels): p for p, phase in enumerate(phases(cfg.built_stages())) for _ in phase}
     for label, files in old.items():
         changes = describe_changes(files, now.get(label, []))
-        if changes and any(layout.marker(phase_of[label], "*").parent.glob("*.done.json")):
+        if changes and layout.stage_done(label):
             raise ConfigError(f"the files stage '{label}' reads changed since the run in {layout.root} was made: "
                               f"{changes}; the shards it has done used the old ones: rerun with --restart to redo "
                               f"the run with the new ones, or put the old ones back to resume")

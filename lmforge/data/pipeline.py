@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from lmforge.config import check, from_dict, load_toml
 from lmforge.data.document import Document
@@ -244,21 +244,30 @@ def stage_files(cfg: PipelineConfig) -> dict[str, list[list]]:
     return out
 
 
-def check_stage_files(cfg: PipelineConfig, fixed: dict[str, list[list]] | None, root: str | Path) -> None:
+def check_stage_files(cfg: PipelineConfig, fixed: dict[str, list[list]] | None, root: str | Path, *,
+                      done: Callable[[str], bool] | None) -> None:
     """Fail when a file a stage reads changed (was edited, added to an eval folder, removed) since the run in `root`
     fixed them (`fixed`, from `stage_files` at its start; None: no check): the tokenize stage reloaded a rewritten
     tokenizer (the cache follows the files), so one run's token shards mixed two tokenizers (each header names only
     the spec), and decontam matched later shards against another n-gram set. The shard in hand gets no marker, so
-    nothing made with the new files counts as done."""
+    nothing made with the new files counts as done. The advice follows what a rerun would do: `done(label)`, whether a
+    shard marked done went through that stage (the local executor: its phase holds a marker), says if a resume must
+    refuse the new files or takes them (`executor._check_files_used`); None: an executor that cannot resume (Ray)."""
     if fixed is None:
         return
     now = stage_files(cfg)
     for label, files in fixed.items():
         changes = describe_changes(files, now.get(label, []))
-        if changes:
-            raise DataError(f"the files stage '{label}' reads changed during the run in {root}: {changes}; its shards "
-                            f"so far used the old ones: put them back and rerun to resume, or rerun with --restart "
-                            f"to redo the run with the new ones")
+        if not changes:
+            continue
+        if done is None:
+            advice = "the Ray executor cannot resume a run: rerun with --restart to redo it with the new ones"
+        elif done(label):
+            advice = ("its shards so far used the old ones: put them back and rerun to resume, or rerun with "
+                      "--restart to redo the run with the new ones")
+        else:
+            advice = "no shard has gone through that stage yet: rerun to take the new ones"
+        raise DataError(f"the files stage '{label}' reads changed during the run in {root}: {changes}; {advice}")
 
 
 def input_fingerprint(shards: dict[str, list[Path]]) -> list[list]:

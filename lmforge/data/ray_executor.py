@@ -88,14 +88,14 @@ class _MapPhase:
         # a batch is no input shard, so its token shard gets a random name: the tokenize stage records each in
         # output.dir before writing it, and --restart removes those (`remove_token_files`)
         ctx = StageContext(shard=f"ray-{uuid.uuid4().hex[:12]}", workdir=Path(self.cfg.output.dir))
-        check_stage_files(self.cfg, self.fixed, ctx.workdir)
+        check_stage_files(self.cfg, self.fixed, ctx.workdir, done=None)
         dropped, records = [], []
         for (spec, scfg), label in zip(self.stages, self.labels):
             live, gone, rec = apply_stage(spec, scfg, live, ctx)
             rec["name"] = label
             dropped += gone
             records.append(rec)
-        check_stage_files(self.cfg, self.fixed, ctx.workdir)
+        check_stage_files(self.cfg, self.fixed, ctx.workdir, done=None)
         stats = stats_row({"phase": self.p, "stages": records, "counters": ctx.counters})
         return _table(passthrough + [doc_row(d) for d in live + dropped] + [stats])
 

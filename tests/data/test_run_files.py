@@ -70,11 +70,41 @@ def test_a_tokenizer_rewritten_mid_run_fails_the_run_before_a_shard_is_made_with
 
     monkeypatch.setattr(executor, "_finish_shard", finish_then_retrain)
     with pytest.raises(DataError, match=r"the files stage 'tokenize' reads changed during the run .*"
-                                        r"lmforge_tokenizer\.json.*--restart"):
+                                        r"lmforge_tokenizer\.json.*its shards so far used the old ones: put them "
+                                        r"back and rerun to resume, or rerun with --restart"):
         run_local(load_pipeline(p))
     assert len(_ids(tmp_path, 0)) == 1 + len(TEXT)  # the first shard, made with the first tokenizer
     assert not (tmp_path / "run" / "tokens" / "shard-00001.bin").exists()
     assert not (tmp_path / "run" / "_work" / "p0" / "shard-00001.done.json").exists()
+
+
+def test_a_tokenizer_rewritten_before_any_shard_reached_the_tokenize_stage_says_a_rerun_takes_it(tmp_path,
+                                                                                                monkeypatch):
+    """Rewritten while the first phase ran, before any shard reached the tokenize phase: the run fails, but its
+    message said the shards so far used the old tokenizer and to put it back to resume, where a plain rerun takes
+    the new one (no shard is refused, `_check_files_used`)."""
+    spec = tmp_path / "tok" / "lmforge_tokenizer.json"
+    _save(_bytes_tok(), spec)
+    p = _pipeline(tmp_path, f'[[stages]]\nstage = "pii"\n[[stages]]\nstage = "exact_dedup"\n'
+                            f'[[stages]]\nstage = "tokenize"\ntokenizer = "{spec}"\n')
+    (tmp_path / "in" / "1.jsonl").write_text(json.dumps({"id": "1", "text": TEXT + " again"}) + "\n")
+    new = _merged_tok()
+    real = executor._finish_shard
+
+    def finish_then_retrain(*args):
+        out = real(*args)
+        _save(new, spec, later_s=5)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(executor, "_finish_shard", finish_then_retrain)
+        with pytest.raises(DataError, match=r"the files stage 'tokenize' reads changed during the run .*"
+                                            r"no shard has gone through that stage yet: rerun to take the new ones$"):
+            run_local(load_pipeline(p))
+    assert (tmp_path / "run" / "_work" / "p0" / "shard-00000.done.json").exists()
+    run_local(load_pipeline(p))
+    assert _ids(tmp_path, 0) == [new.eot_id, *new.encode_ordinary(TEXT)]
+    assert _ids(tmp_path, 1) == [new.eot_id, *new.encode_ordinary(TEXT + " again")]
 
 
 def test_a_resume_after_the_tokenizer_changed_is_refused_and_restart_uses_the_new_one(tmp_path):

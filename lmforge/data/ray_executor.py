@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,11 @@ from lmforge.data.accounting import apply_stage, read_stage
 from lmforge.data.document import Document
 from lmforge.data.executor import _check_run_dir, build_report, check_stage_errors, run_entries, stage_labels
 from lmforge.data.pipeline import (PipelineConfig, check_stage_files, make_shards, phases, read_inputs,
-                                   release_checked_models)
+                                   release_checked_models, stage_files)
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
 from lmforge.data.writers import _json_line, write_docs, write_jsonl
-from lmforge.errors import ConfigError, require
+from lmforge.errors import ConfigError, LmforgeError, require
 
 COLUMNS = ("kind", "id", "text", "meta", "raw", "drop")
 
@@ -71,15 +72,32 @@ class _ReadShard:
         return [doc_row(d) for d in live + dropped] + [stats_row({"phase": 0, "stages": [rec], "counters": {}})]
 
 
-class _MapPhase:
-    """map_batches: run one phase's map stages over a batch; dropped docs and stats rows pass through."""
+# {run id: the files the stages read, as this worker process found them at its first batch of that run} (`_MapPhase`)
+_FIRST_SEEN: dict[str, dict[str, list[list]]] = {}
 
-    def __init__(self, cfg: PipelineConfig, p: int, fixed: dict[str, list[list]] | None = None):
-        self.cfg, self.p, self.fixed = cfg, p, fixed  # fixed: the files the stages read (pipeline.stage_files)
+
+class _MapPhase:
+    """map_batches: run one phase's map stages over a batch; dropped docs and stats rows pass through. `fixed`: the
+    files the stages read as the driver found them at the run's start (`pipeline.stage_files`; None: no check);
+    `run`: the run's id, which its phases share."""
+
+    def __init__(self, cfg: PipelineConfig, p: int, fixed: dict[str, list[list]] | None = None, run: str = ""):
+        self.cfg, self.p, self.fixed, self.run = cfg, p, fixed, run or uuid.uuid4().hex
         all_phases = phases(cfg.built_stages())
         self.stages = all_phases[p]
         first = sum(len(ph) for ph in all_phases[:p])
         self.labels = stage_labels(cfg)[first:first + len(self.stages)]
+
+    def _files_seen(self) -> dict[str, list[list]] | None:
+        """The stage files this process holds itself to: as it found them at its first batch of the run, not the
+        driver's `fixed`. On another machine a model copied to each node has another mtime and a symlink may resolve
+        elsewhere, so comparing the driver's stamps failed every batch; a change on this node mid-run still fails,
+        and the driver checks its own files before and after the run (`run_ray`)."""
+        if self.fixed is None:
+            return None
+        if self.run not in _FIRST_SEEN:
+            _FIRST_SEEN[self.run] = {k: v for k, v in stage_files(self.cfg).items() if k in self.fixed}
+        return _FIRST_SEEN[self.run]
 
     def __call__(self, batch: Any) -> Any:
         rows = batch.to_pylist()
@@ -88,14 +106,15 @@ class _MapPhase:
         # a batch is no input shard, so its token shard gets a random name: the tokenize stage records each in
         # output.dir before writing it, and --restart removes those (`remove_token_files`)
         ctx = StageContext(shard=f"ray-{uuid.uuid4().hex[:12]}", workdir=Path(self.cfg.output.dir))
-        check_stage_files(self.cfg, self.fixed, ctx.workdir, done=None)
+        seen = self._files_seen()
+        check_stage_files(self.cfg, seen, ctx.workdir, done=None)
         dropped, records = [], []
         for (spec, scfg), label in zip(self.stages, self.labels):
             live, gone, rec = apply_stage(spec, scfg, live, ctx)
             rec["name"] = label
             dropped += gone
             records.append(rec)
-        check_stage_files(self.cfg, self.fixed, ctx.workdir, done=None)
+        check_stage_files(self.cfg, seen, ctx.workdir, done=None)
         stats = stats_row({"phase": self.p, "stages": records, "counters": ctx.counters})
         return _table(passthrough + [doc_row(d) for d in live + dropped] + [stats])
 
@@ -151,6 +170,46 @@ def _preserve_order(ray: Any) -> Any:
         options.preserve_order = before
 
 
+def _task_error(e: BaseException) -> LmforgeError | None:
+    """The LmforgeError a Ray task raised (a stage file changed mid-run, a stage's setup), out of the wrapper the
+    driver gets: RayTaskError(UserCodeException), 16 lines of traceback where the local executor gives one line. Ray
+    Data raises UserCodeException from the error and that link is not pickled, so the error is left only in the
+    worker's traceback, the wrapper's text: its last exception line outside Ray's own (`lmforge.errors.DataError:
+    <message>`) is read back; None when that is no lmforge error (a bug, raised as it came). (Ray Data's
+    raise_original_map_exception keeps the exception itself, but Ray then logs it as a bug of its own, with its whole
+    stack and a request to open an issue.)"""
+    from ray.exceptions import RayTaskError
+
+    from lmforge import errors
+
+    while e is not None and not isinstance(e, RayTaskError):
+        e = e.__cause__ or e.__context__
+    raised = [m for m in re.findall(r"^(\w+(?:\.\w+)*): (.+)$", str(e) if e is not None else "", flags=re.M)
+              if not m[0].startswith("ray.")]  # (traceback lines are indented; Ray's wrappers are its own)
+    if not raised or not raised[-1][0].startswith("lmforge.errors."):
+        return None
+    name, message = raised[-1]
+    cls = getattr(errors, name.rsplit(".", 1)[1], None)
+    return (cls if isinstance(cls, type) and issubclass(cls, LmforgeError) else LmforgeError)(message)
+
+
+def _run_dataset(ray: Any, cfg: PipelineConfig, batch_size: int, fixed: dict[str, list[list]]) -> list[dict]:
+    """Every phase over the dataset and the write; the stats rows that come back."""
+    shards, run = make_shards(cfg.input), uuid.uuid4().hex
+    with _preserve_order(ray):
+        ds = ray.data.from_items([{"shard": s, "files": [str(f) for f in fs]} for s, fs in shards.items()])
+        ds = ds.flat_map(_ReadShard(cfg))
+        for p, phase in enumerate(phases(cfg.built_stages())):
+            if not phase:
+                continue
+            if phase[0][0].kind == "global":
+                ds = _global_phase(ds, cfg, p)
+            else:
+                ds = ds.map_batches(_MapPhase(cfg, p, fixed, run), batch_size=batch_size, batch_format="pyarrow")
+        ds = ds.map_batches(_WriteBatch(cfg), batch_size=batch_size, batch_format="pyarrow")
+        return [json.loads(r["meta"]) for r in ds.take_all()]
+
+
 def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -> dict[str, Any]:
     """Run the pipeline on Ray Data (connecting to a running cluster, or starting a local one). It keeps no
     per-shard markers, so it cannot resume: an output.dir holding an earlier run's output is refused (every
@@ -164,19 +223,14 @@ def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -
                           "cannot resume one; rerun with --restart to redo it, or choose a new output.dir")
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=False)
-    shards = make_shards(cfg.input)
-    with _preserve_order(ray):
-        ds = ray.data.from_items([{"shard": s, "files": [str(f) for f in fs]} for s, fs in shards.items()])
-        ds = ds.flat_map(_ReadShard(cfg))
-        for p, phase in enumerate(phases(cfg.built_stages())):
-            if not phase:
-                continue
-            if phase[0][0].kind == "global":
-                ds = _global_phase(ds, cfg, p)
-            else:
-                ds = ds.map_batches(_MapPhase(cfg, p, fixed), batch_size=batch_size, batch_format="pyarrow")
-        ds = ds.map_batches(_WriteBatch(cfg), batch_size=batch_size, batch_format="pyarrow")
-        stats = [json.loads(r["meta"]) for r in ds.take_all()]
+    try:
+        stats = _run_dataset(ray, cfg, batch_size, fixed)
+    except Exception as e:
+        found = _task_error(e)
+        if found is None:
+            raise
+        raise found from None
+    check_stage_files(cfg, fixed, cfg.output.dir, done=None)  # the driver's files (the workers hold to their own)
     kept = sum(s.get("kept", 0) for s in stats if s["phase"] == -1)
     # the read rows share phase 0 with the first map phase's and may come back after them: read first, so the
     # report lists the stages in pipeline order whatever the batching

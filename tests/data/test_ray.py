@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 
 import pytest
 
 from lmforge.data.executor import run_local
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.data.pipeline import load_pipeline
 from lmforge.data.readers import read_documents
 
 
 def _worker_log(log: str):
     """A Ray worker_process_setup_hook: each worker process appends "<pid> load <name>" for every fastText model
-    file or classifier directory it loads, and "<pid> task <task id>" for every batch a map phase runs, to `log`.
-    (A closure, so that Ray pickles it by value: the workers need not import the tests.)"""
+    file or classifier directory it loads, "<pid> task <task id>" for every batch a map phase runs and "<pid> fail
+    <error class>" for one that fails, to `log`; while a file `log`.touch names a file, each batch a map phase runs
+    moves that file's mtime on by 7 s after it (a tokenizer saved again mid-run). (A closure, so that Ray pickles it
+    by value: the workers need not import the tests.)"""
 
     def setup() -> None:
         import os
@@ -34,8 +38,21 @@ def _worker_log(log: str):
             self, path)
         classifier.HashedNgramClassifier.load = classmethod(lambda cls, d: note("load", os.path.basename(d))
                                                             or load(cls, d))
-        ray_executor._MapPhase.__call__ = lambda self, batch: note(
-            "task", ray.get_runtime_context().get_task_id()) or call(self, batch)
+        def touch_after(self, batch):
+            note("task", ray.get_runtime_context().get_task_id())
+            try:
+                out = call(self, batch)
+            except Exception as e:
+                note("fail", type(e).__name__)
+                raise
+            if os.path.exists(log + ".touch"):
+                with open(log + ".touch", encoding="utf-8") as f:
+                    path = f.read()
+                t = os.stat(path).st_mtime_ns + 7 * 10**9
+                os.utime(path, ns=(t, t))
+            return out
+
+        ray_executor._MapPhase.__call__ = touch_after
 
     return setup
 
@@ -238,3 +255,87 @@ def test_ray_workers_load_each_model_once_per_process(tmp_path, local_ray, worke
     assert {name for _, name in loads} == {"softmax.bin", "hs.bin", "clf"} and set(loads.values()) == {1}
     per_model = Counter(name for _, name in loads)
     assert len(tasks) >= 8 > max(per_model.values())  # a task per shard; far fewer loads
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_stage_file_changed_mid_run_fails_in_one_line_that_says_restart(tmp_path, local_ray, worker_log):
+    """The check raised in a Ray task, outside apply_stage, so the driver got RayTaskError(UserCodeException): 16
+    lines, no LmforgeError (the CLI printed a traceback), advising to put the files back and rerun to resume, which
+    the Ray executor refuses. Now the task's error in its one line, with the Ray executor's advice."""
+    from lmforge.data import ray_executor
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    for i in range(4):
+        (tmp_path / f"{i}.jsonl").write_text(json.dumps({"id": f"d{i}", "text": f"document number {i}"}) + "\n")
+    spec = tmp_path / "tok" / "lmforge_tokenizer.json"
+    Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"]).save(spec)
+    (tmp_path / "p.toml").write_text(f'progress = false\nexecutor = "ray"\n[input]\npaths = ["{tmp_path}/*.jsonl"]'
+                                     f'\n[output]\ndir = "{tmp_path / "run"}"\nplot = false\n'
+                                     f'[[stages]]\nstage = "tokenize"\ntokenizer = "{spec}"\n')
+    before = worker_log.read_text(encoding="utf-8") if worker_log.exists() else ""
+    touch = worker_log.with_name(worker_log.name + ".touch")
+    touch.write_text(str(spec))
+    try:
+        with pytest.raises(DataError) as failed:
+            ray_executor.run_ray(load_pipeline(tmp_path / "p.toml"), batch_size=1)
+    finally:
+        touch.unlink()
+    assert re.fullmatch(r"the files stage 'tokenize' reads changed during the run in .*run: 1 changed size or time "
+                        r"\(lmforge_tokenizer\.json\); the Ray executor cannot resume a run: rerun with --restart to "
+                        r"redo it with the new ones", str(failed.value))
+    fails = [line.split()[2] for line in worker_log.read_text(encoding="utf-8")[len(before):].splitlines()
+             if line.split()[1] == "fail"]
+    assert fails and set(fails) == {"DataError"}  # a worker's error, out of Ray's wrapper
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_ray_workers_hold_to_the_stage_files_they_first_saw_not_the_drivers(tmp_path):
+    """A worker compared the driver's stamps (resolved path, size, mtime) with its own files: on another machine a
+    model copied to each node (another mtime) or a symlink resolving elsewhere failed every batch. A worker now holds
+    to the files as it first found them in the run, so a change there mid-run still fails. The map phase runs here
+    without Ray, as a worker calls it."""
+    pytest.importorskip("pyarrow")
+    from lmforge.data.pipeline import stage_files
+    from lmforge.data.ray_executor import _MapPhase, _ReadShard, _table
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "text": "some text"}) + "\n")
+    spec = tmp_path / "tok" / "lmforge_tokenizer.json"
+    Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"]).save(spec)
+    (tmp_path / "p.toml").write_text(f'progress = false\n[input]\npaths = ["{src}"]\n[output]\n'
+                                     f'dir = "{tmp_path / "run"}"\n[[stages]]\nstage = "tokenize"\n'
+                                     f'tokenizer = "{spec}"\n')
+    cfg = load_pipeline(tmp_path / "p.toml")
+    (path, size, mtime), = stage_files(cfg)["tokenize"]
+    drivers = {"tokenize": [["/on/the/driver/lmforge_tokenizer.json", size, mtime - 60 * 10**9]]}
+    phase = _MapPhase(cfg, 0, drivers)
+    batch = lambda: _table(_ReadShard(cfg)({"shard": "shard-00000", "files": [str(src)]}))  # noqa: E731
+    stats = [json.loads(r["meta"]) for r in phase(batch()).to_pylist() if r["kind"] == "stats"]
+    assert stats[-1]["counters"]["tokenize.tokens"] == 1 + len("some text")
+    later = mtime + 7 * 10**9
+    os.utime(spec, ns=(later, later))  # saved again on this node mid-run
+    with pytest.raises(DataError, match=r"the files stage 'tokenize' reads changed during the run .*: 1 changed size "
+                                        r"or time \(lmforge_tokenizer\.json\); the Ray executor cannot resume"):
+        phase(batch())
+
+
+def test_ray_task_error_is_the_lmforge_error_a_task_raised_last():
+    """_task_error reads the task's error back from the wrapper's text (the link to it is not pickled): the lmforge
+    error a task raised, in its own class and one line; none where the task failed on something else after it."""
+    exceptions = pytest.importorskip("ray.exceptions")
+    from lmforge.data.ray_executor import _task_error
+
+    def wrapped(worker_traceback: str) -> Exception:
+        text = (f"Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n    check()\n{worker_traceback}\n"
+                "\nThe above exception was the direct cause of the following exception:\n\n"
+                "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+                "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).")
+        return exceptions.RayTaskError("MapBatches", text, exceptions.UserCodeException("UDF failed"))
+
+    found = _task_error(wrapped("lmforge.errors.DataError: the files stage 'tokenize' reads changed: rerun"))
+    assert type(found) is DataError and str(found) == "the files stage 'tokenize' reads changed: rerun"
+    later = "lmforge.errors.DataError: first\n\nDuring handling of the above exception, another exception occurred:\n" \
+            "\nTraceback (most recent call last):\n  File \"y.py\", line 2, in g\nKeyError: 'meta'"
+    assert _task_error(wrapped(later)) is None
+    assert _task_error(RuntimeError("no Ray here")) is None

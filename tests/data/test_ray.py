@@ -339,3 +339,29 @@ def test_ray_task_error_is_the_lmforge_error_a_task_raised_last():
             "\nTraceback (most recent call last):\n  File \"y.py\", line 2, in g\nKeyError: 'meta'"
     assert _task_error(wrapped(later)) is None
     assert _task_error(RuntimeError("no Ray here")) is None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_driver_checks_its_stage_files_after_the_run(tmp_path, local_ray, monkeypatch):
+    """The workers hold to the files as each first found them, so one whose first batch came after a change used the
+    new tokenizer unseen; the driver compares its own files with those the run fixed once the dataset has run."""
+    from lmforge.data import ray_executor
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    (tmp_path / "0.jsonl").write_text(json.dumps({"id": "d0", "text": "document"}) + "\n")
+    spec = tmp_path / "tok" / "lmforge_tokenizer.json"
+    Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"]).save(spec)
+    (tmp_path / "p.toml").write_text(f'progress = false\nexecutor = "ray"\n[input]\npaths = ["{tmp_path}/*.jsonl"]'
+                                     f'\n[output]\ndir = "{tmp_path / "run"}"\nplot = false\n'
+                                     f'[[stages]]\nstage = "tokenize"\ntokenizer = "{spec}"\n')
+    real = ray_executor._run_dataset
+
+    def saved_again_first(*args):
+        t = spec.stat().st_mtime_ns + 7 * 10**9
+        os.utime(spec, ns=(t, t))
+        return real(*args)
+
+    monkeypatch.setattr(ray_executor, "_run_dataset", saved_again_first)
+    with pytest.raises(DataError, match=r"stage 'tokenize' reads changed during the run .*--restart"):
+        ray_executor.run_ray(load_pipeline(tmp_path / "p.toml"), batch_size=1)
+    assert not (tmp_path / "run" / "report.json").exists()

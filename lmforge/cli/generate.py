@@ -72,15 +72,30 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
-                try:
-                    prompts.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{i + 1}: expected a JSON object with a 'prompt' field ({e})") from e
+                prompts.append(jsonl_prompt(line, f"{path}:{i + 1}"))
             else:
                 prompts.append(unescape(line))
     if not prompts:
         raise LmforgeError("no prompts: give --prompts TEXT ... or --prompts-file FILE")
     return prompts
+
+
+
+def jsonl_prompt(line: str, where: str):
+    """The 'prompt' field of one JSONL line (text or token ids; the engine checks which); a line that is no JSON,
+    not an object or without the field is a one-line error naming the line and what it holds instead."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line of a .jsonl prompts "
+                        'file is one object such as {"prompt": "..."}') from e
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a JSON {type(row).__name__}, not an object; each line of a .jsonl prompts file "
+                        'is one object such as {"prompt": "..."}')
+    if "prompt" not in row:
+        raise DataError(f"{where}: no 'prompt' field (its fields: {', '.join(map(repr, row)) or 'none'}); each "
+                        'line of a .jsonl prompts file is one object such as {"prompt": "..."}')
+    return row["prompt"]
 
 
 def check_output(path: str | None) -> None:

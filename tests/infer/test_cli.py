@@ -454,3 +454,19 @@ def test_chat_says_once_that_answers_stop_at_the_window(ckpt, monkeypatch, capsy
         "--max-tokens 512 with a 64-token prompt goes past the model's 128-token context; generation stops after at "
         "most 64 new tokens"]
     assert capsys.readouterr().out.count("you> ") == 4  # three messages answered, then the end of input
+
+
+def test_generate_jsonl_prompts_file_bad_lines(ckpt, tmp_path):
+    """A bad .jsonl line said "expected a JSON object with a 'prompt' field ('prompt')" (a KeyError's repr; a list
+    gave "list indices must be integers or slices, not str"): each case now says what the line holds instead."""
+    cases = [('{"text": "a", "id": 3}', "p.jsonl:2: no 'prompt' field (its fields: 'text', 'id')"),
+             ("{}", "p.jsonl:2: no 'prompt' field (its fields: none)"),
+             ('["a"]', "p.jsonl:2: a JSON list, not an object"),
+             ('{"prompt": "a"', "p.jsonl:2: not valid JSON (Expecting ',' delimiter at column 15)")]
+    pf = tmp_path / "p.jsonl"
+    for line, message in cases:
+        pf.write_text('{"prompt": "ok"}\n' + line + "\n")
+        with pytest.raises(LmforgeError) as e:
+            gen_cli.main(["--checkpoint", str(ckpt), "--prompts-file", str(pf)])
+        assert str(e.value).startswith(f"{tmp_path / message}"), str(e.value)
+        assert str(e.value).endswith('each line of a .jsonl prompts file is one object such as {"prompt": "..."}')

@@ -50,6 +50,10 @@ class ChatConfig:
         check(self.sampling.n == 1 or self.sampling.beam_width > 1,
               f"--n {self.sampling.n}: lmforge chat shows one answer a turn; leave --n out (lmforge generate --n "
               "gives several samples)")
+        shown = {"--logprobs": self.sampling.logprobs, "--prompt-logprobs": self.sampling.prompt_logprobs}
+        asked = [flag for flag, k in shown.items() if k is not None]
+        check(not asked, f"{' and '.join(asked)}: lmforge chat shows only the answer's text, never log-probs; leave "
+                         f"{'them' if len(asked) > 1 else 'it'} out (lmforge sample and generate print them)")
 
 
 def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,

@@ -2,6 +2,7 @@
 
     lmforge sample --checkpoint runs/demo --prompt "def " --temperature 0.8 --top-k 50 --max-tokens 200
     lmforge sample --checkpoint runs/demo --prompt "def " --temperature 0 --logprobs 3   (top 3 per token)
+    lmforge sample --checkpoint runs/demo --prompt "def f(x):" --max-tokens 0 --prompt-logprobs 2   (score the prompt)
 
 Every `SamplingParams` field is a flag (`lmforge sample --help` lists them); `--num-samples` is `--n`.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from lmforge.cli.sampling import Sampling, completion_rows, normalize_argv, past_context_notice, sampling_field
+from lmforge.cli.sampling import (Sampling, completion_rows, normalize_argv, past_context_notice, sampling_field,
+                                  top_logprobs_rows)
+from lmforge.infer.detok import special_ids
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +40,24 @@ def print_logprobs(tok, out, sample, sp) -> None:
     rows = completion_rows(tok, out, sample, sp) or [[] for _ in sample.token_ids]
     chosen = completion_rows(tok, out, dataclasses.replace(sample, top_logprobs=[{t: 0.0} for t in sample.token_ids]),
                              sp)
-    for mine, lp, top in zip(chosen, sample.logprobs or [], rows):
+    _print_rows(chosen, sample.logprobs or [], rows)
+
+
+def print_prompt_logprobs(tok, out, sp) -> None:
+    """One line per prompt token that has log-probs (--prompt-logprobs K: all but the first, from
+    --prompt-logprobs-start on): its text, its log-probability given the tokens before it and the K most likely
+    tokens there, as `print_logprobs` shows generated ones (the JSON of `lmforge generate` holds the same)."""
+    ids, plp, k = list(out.prompt_token_ids), out.prompt_logprobs or [], sp.prompt_logprobs
+    skip = special_ids(tok)  # (a BOS is no text before)
+    tops = top_logprobs_rows(tok, plp, ids=ids, skip=skip)
+    chosen = top_logprobs_rows(tok, [None if s is None else {t: 0.0} for s, t in zip(plp, ids)], ids=ids, skip=skip)
+    at = [i for i, s in enumerate(plp) if s is not None]
+    print(f"--- prompt log-probs ({len(at)} of {len(ids)} tokens) ---")
+    _print_rows([chosen[i] for i in at], [plp[i][ids[i]] for i in at], [tops[i][:k] for i in at])
+
+
+def _print_rows(chosen, logprobs, tops) -> None:
+    for mine, lp, top in zip(chosen, logprobs, tops):
         alts = ", ".join(f"{r['token']!r} {r['logprob']:.3f}" for r in top)
         print(f"  {mine[0]['token']!r:>12} {lp:8.3f}" + (f"   top: {alts}" if alts else ""))
 
@@ -51,6 +71,8 @@ def main(argv: list[str]) -> int:
     sp, prompt = cfg.sampling, "\n" if cfg.prompt is None else cfg.prompt
     with past_context_notice(llm, [len(llm.tokenizer.encode(prompt))], sp):
         out = llm.generate([prompt], sp)[0]
+    if sp.prompt_logprobs is not None:
+        print_prompt_logprobs(llm.tokenizer, out, sp)
     for i, o in enumerate(out.outputs):
         print(f"--- sample {i + 1}/{len(out.outputs)} ({len(o.token_ids)} tokens, {o.finish_reason}) ---")
         print(prompt + o.text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -437,6 +438,12 @@ def test_stream_and_chat_refuse_n_samples_they_would_not_show(tok):
     assert "".join(llm.stream("the dog", beams)) == llm.generate("the dog", beams)[0].outputs[0].text
     with pytest.raises(ConfigError, match="--n 3: lmforge chat shows one answer a turn"):
         ChatConfig(checkpoint="-", sampling=SamplingParams(n=3))
+    # (--logprobs and --prompt-logprobs were computed every turn and shown nowhere)
+    with pytest.raises(ConfigError, match=r"^--logprobs: lmforge chat shows only the answer's text, never log-probs; "
+                                          r"leave it out \(lmforge sample and generate print them\)$"):
+        ChatConfig(checkpoint="-", sampling=SamplingParams(logprobs=2))
+    with pytest.raises(ConfigError, match="^--logprobs and --prompt-logprobs: lmforge chat shows only"):
+        ChatConfig(checkpoint="-", sampling=SamplingParams(logprobs=0, prompt_logprobs=1))
 
 
 def test_chat_says_once_that_answers_stop_at_the_window(ckpt, monkeypatch, capsys):
@@ -470,3 +477,23 @@ def test_generate_jsonl_prompts_file_bad_lines(ckpt, tmp_path):
             gen_cli.main(["--checkpoint", str(ckpt), "--prompts-file", str(pf)])
         assert str(e.value).startswith(f"{tmp_path / message}"), str(e.value)
         assert str(e.value).endswith('each line of a .jsonl prompts file is one object such as {"prompt": "..."}')
+
+
+def test_sample_prints_prompt_logprobs(ckpt, tok, capsys):
+    """`lmforge sample --prompt-logprobs K` computed the prompt's log-probs and printed none of them (so `--max-tokens
+    0 --prompt-logprobs K`, the score-the-prompt mode its --max-tokens help describes, printed only the prompt): one
+    line per prompt token after the first, its log-prob and the top K, equal to a full forward."""
+    sample_cli.main(["--checkpoint", str(ckpt), "--prompt", "hello", "--max-tokens", "0", "--prompt-logprobs", "2"])
+    printed = capsys.readouterr().out.splitlines()
+    ids = tok.encode("hello")
+    assert printed[0] == f"--- prompt log-probs ({len(ids) - 1} of {len(ids)} tokens) ---"
+    rows = printed[1:len(ids)]
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny_model("llama")(torch.tensor([ids]))[0].double(), -1)
+    for i, line in enumerate(rows, start=1):
+        mine, top = line.split("   top: ")
+        assert mine.split()[0] == repr(tok.decode([ids[i]]))
+        assert float(mine.split()[1]) == pytest.approx(ref[i - 1, ids[i]].item(), abs=2e-3)
+        values = ref[i - 1].topk(2).values.tolist()
+        assert [float(v) for v in re.findall(r" (-?\d+\.\d{3})(?=, |$)", top)] == pytest.approx(values, abs=2e-3)
+    assert printed[len(ids)].startswith("--- sample 1/1 (0 tokens, length) ---")

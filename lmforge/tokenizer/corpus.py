@@ -23,15 +23,19 @@ import numpy as np
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.load import takes_where
 from lmforge.tokenizer.pretokenize import PATTERNS, safe_byte_cut
-from lmforge.tokenizer.train import file_ranges, read_range, text_codec
+from lmforge.tokenizer.train import check_text_file, file_ranges, read_range, text_codec
 from lmforge.utils import input_files
 
 _TOK = None  # the tokenizer inside a worker process (set by _init)
 
 
 def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
-    """Files, directories and glob patterns -> existing, non-empty list (`lmforge.utils.input_files`)."""
-    return input_files(patterns)
+    """Files, directories and glob patterns -> existing, non-empty list (`lmforge.utils.input_files`), each a text
+    file (`check_text_file`: compressed, Parquet or token data refused)."""
+    files = input_files(patterns)
+    for f in files:
+        check_text_file(f)
+    return files
 
 
 def _init(tok) -> None:

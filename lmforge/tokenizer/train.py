@@ -43,6 +43,26 @@ def text_codec(path: str | Path) -> tuple[bytes, str]:
     return next(((bom, codec) for bom, codec in BOMS if head.startswith(bom)), (b"", "utf-8"))
 
 
+# What a file opens with when it holds compressed, columnar or token data rather than text. Read as text, its bytes
+# became Windows-1252 characters that were trained on and encoded, with only a note counting them (found 2026-12-07:
+# a data pipeline's kept documents, data/*.jsonl.gz, given to `lmforge tokenizer train`).
+NOT_TEXT = ((b"\x1f\x8b", "gzip-compressed"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"), (b"BZh", "bzip2-compressed"),
+            (b"\xfd7zXZ\x00", "xz-compressed"), (b"PK\x03\x04", "a zip archive"), (b"PAR1", "Parquet"),
+            (b"LMFTOKS1", "an lmforge token shard"))
+
+
+def check_text_file(path: str | Path) -> None:
+    """Refuse, in one line, a file whose first bytes say it is compressed, Parquet or token data (`NOT_TEXT`): the
+    tokenizer reads text files as they are and cannot look inside one."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    kind = next((kind for magic, kind in NOT_TEXT if head.startswith(magic)), None)
+    if kind is not None:
+        raise DataError(f"tokenizer input {str(path)!r} is {kind}, not text: the tokenizer reads plain text files; "
+                        "leave it out, or pass its documents' texts from Python (a data pipeline's JSONL or Parquet: "
+                        "lf.train_bpe(d.text for d in lmforge.data.readers.read_documents(path)))")
+
+
 def read_range(path: str | Path, start: int, end: int) -> tuple[bytes, str, int]:
     """Bytes [start, end) of a text file -> (its text as UTF-8 bytes, the text, undecodable bytes). A file that opens
     with a byte-order mark is decoded as the mark says, the mark dropped (data.readers.decode_text: a UTF-16 file
@@ -162,6 +182,7 @@ def _tasks(source, pat: str, specials: tuple[str, ...]) -> tuple[Iterator, int |
             if kind is None:
                 raise DataError(f"training input not found: {str(p)[:80]!r} (strings in a list are file paths; "
                                 "pass texts as an iterator, e.g. iter(texts))")
+            check_text_file(p)
         total = sum(p.stat().st_size for p in paths)
         tasks = ((str(p), a, b, pat, specials) for p in paths for a, b in file_ranges(p, pat, specials))
         return ((_count_range, t) for t in tasks), total

@@ -17,3 +17,40 @@ def test_a_directory_gives_its_visible_files_once(tmp_path):
     assert expand_inputs([str(data / "sub" / "b.txt"), str(data), str(data / "*.txt")]) == [
         data / "sub" / "b.txt", data / "a.txt"]
     assert expand_inputs([str(data / ".DS_Store")]) == [data / ".DS_Store"]  # named outright, it is read
+
+
+def test_compressed_parquet_and_token_files_are_refused_not_read_as_text(tmp_path):
+    """A data pipeline's kept documents (data/*.jsonl.gz) given to `lmforge tokenizer train` were read byte for byte
+    as Windows-1252 text: merges were learned from gzip's bytes, with only a note counting the "undecodable" ones."""
+    import gzip
+
+    import pytest
+
+    from lmforge.data.shards import write_tokens
+    from lmforge.errors import DataError
+    from lmforge.tokenizer.corpus import corpus_stats, encode_to_shards
+    from lmforge.tokenizer.byte import ByteTokenizer
+    from lmforge.tokenizer.train import train_bpe
+
+    text = tmp_path / "a.txt"
+    text.write_text("the cat sat on the mat\n" * 50)
+    shard = gzip.compress(b'{"id": "1", "text": "the cat sat on the mat"}\n' * 50)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shard-00000.jsonl.gz").write_bytes(shard)
+    (tmp_path / "docs.txt").write_bytes(shard)  # the bytes decide, not the name
+    write_tokens(tmp_path / "train.bin", [1, 2, 3], vocab_size=257, tokenizer="byte")
+    for bad, kind in (("data", "gzip-compressed"), ("docs.txt", "gzip-compressed"),
+                      ("train.bin", "an lmforge token shard")):
+        path = tmp_path / bad
+        named = str(path / "shard-00000.jsonl.gz") if path.is_dir() else str(path)
+        want = f"tokenizer input '{named}' is {kind}, not text"
+        with pytest.raises(DataError, match=want):
+            expand_inputs([str(text), str(path)])  # what `lmforge tokenizer train | encode | stats` read
+        with pytest.raises(DataError, match=want):
+            train_bpe([text, named], 300, progress=False)
+        with pytest.raises(DataError, match=want):
+            encode_to_shards(ByteTokenizer(), [str(text), str(path)], tmp_path / "out", progress=False)
+        with pytest.raises(DataError, match=want):
+            corpus_stats(ByteTokenizer(), [str(path)], progress=False)
+    assert not (tmp_path / "out" / "train.bin").exists()
+    assert expand_inputs([str(text)]) == [text]

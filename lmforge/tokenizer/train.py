@@ -358,7 +358,8 @@ def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str] | Iterable[os
         a list or tuple are paths, so texts held in a list are passed as `iter(texts)` (a list of texts is refused
         in one line saying so, never trained on as if each text were a file's name).
     pattern: "gpt2", "cl100k", "o200k" or a custom pre-tokenization regex.
-    stats: if given, filled with bytes read and undecodable bytes (replaced by U+FFFD and counted).
+    stats: if given, filled with bytes read and undecodable bytes (not UTF-8: read as Windows-1252 and counted;
+        without stats a warning says how many).
     """
     from lmforge.tokenizer.bpe import Tokenizer
 
@@ -374,8 +375,11 @@ def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str] | Iterable[os
     counts, info = count_pretokens(files_or_iterator, pat, specials, workers)
     if info["bytes"] == 0 or not counts:
         raise DataError("training input is empty: no text to learn merges from")
-    if info["undecodable_bytes"] and progress:
-        print(f"warning: {info['undecodable_bytes']} undecodable byte(s) in the input were replaced by U+FFFD")
+    if info["undecodable_bytes"] and stats is None:  # (a caller given the stats says it: the CLI's note)
+        from lmforge.errors import warn_caller
+
+        warn_caller(f"{info['undecodable_bytes']:,} byte(s) of the input are not UTF-8 and were read as Windows-1252 "
+                    "(Latin-1) characters")
     if stats is not None:
         stats.update(info, distinct_pretokens=len(counts))
     merges = learn_merges(counts, vocab_size - 256 - len(specials), progress)

@@ -141,3 +141,27 @@ def test_missing_and_empty_input(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="empty"):
         train_bpe([tmp_path / "empty.txt"], 300, progress=False)
+
+
+def test_bytes_not_utf8_are_said_once_and_as_what_they_became(tmp_path, capsys):
+    """train_bpe printed "undecodable byte(s) ... were replaced by U+FFFD" while the bytes were read as Windows-1252
+    (data.readers.decode_utf8), and `lmforge tokenizer train` then printed its own note saying so: two lines that
+    contradicted each other."""
+    import warnings
+
+    from lmforge.cli import main as lmforge_main
+
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("caf\u00e9 na\u00efve r\u00e9sum\u00e9\n".encode("cp1252") * 5)
+    with pytest.warns(UserWarning, match=r"^20 byte\(s\) of the input are not UTF-8 and were read as Windows-1252"):
+        tok = train_bpe([f], 262, progress=False)
+    assert "\u00e9" in tok.decode(tok.encode("caf\u00e9"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # given the stats, the caller says it
+        train_bpe([f], 262, progress=False, stats={})
+    capsys.readouterr()
+    assert lmforge_main(["tokenizer", "train", "--input", str(f), "--vocab-size", "262", "--out", str(tmp_path / "t"),
+                         "--workers", "1", "--progress", "False"]) == 0
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert "U+FFFD" not in said and said.count("Windows-1252") == 1

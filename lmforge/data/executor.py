@@ -120,14 +120,27 @@ def _ignore_sigint() -> None:
 
 
 def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]],
-                     fixed: dict[str, list[list]] | None = None) -> list[dict[str, Any]]:
+                     fixed: dict[str, list[list]] | None = None, desc: str = "") -> list[dict[str, Any]]:
     """A corpus-wide stage over every shard's documents at once; outputs keep the shard split. `fixed`: as
-    run_map_shard's, checked before the markers are written."""
+    run_map_shard's, checked before the markers are written. `desc`: the phase's progress bar (with
+    cfg.progress): shards read, the stage over all their documents, shards written; the phase showed none, and
+    a run sat silent after the map phase's bar reached 100% while its corpus-wide dedup ran."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(shards), desc=f"{desc} read", disable=not cfg.progress, unit="shard") as bar:
+        return _global_phase(cfg, p, shards, fixed, bar, desc)
+
+
+def _global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], fixed: dict[str, list[list]] | None,
+                  bar: Any, desc: str) -> list[dict[str, Any]]:
     layout = RunLayout(cfg)
     (spec, scfg), = phases(cfg.built_stages())[p]
     label = stage_labels(cfg)[sum(len(ph) for ph in phases(cfg.built_stages())[:p])]
     ctx = StageContext(shard="global", workdir=layout.root)
-    per_shard = {s: _load_input(cfg, layout, p, s, files) for s, files in shards.items()}
+    per_shard = {}
+    for s, files in shards.items():
+        per_shard[s] = _load_input(cfg, layout, p, s, files)
+        bar.update()
     owner: dict[int, str] = {}
     all_live: list[Document] = []
     stage_recs: dict[str, dict[str, Any]] = {}
@@ -137,9 +150,12 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]],
         all_live += live
         # measured before the stage runs: line and Bloom dedup shorten the texts in place
         stage_recs[s] = {**stage_record(label), "docs_in": len(live), "bytes_in": sum(d.nbytes for d in live)}
+    bar.set_description_str(f"{desc} running over {len(all_live):,} documents read")
     t0 = time.perf_counter()
     out = spec.fn(scfg, all_live, ctx) if all_live else []
     seconds = time.perf_counter() - t0
+    bar.reset()
+    bar.set_description_str(f"{desc} write")
     check_stage_files(cfg, fixed, layout.root, done=layout.stage_done)
     mine: dict[str, list[Document]] = {s: [] for s in per_shard}
     names = sorted(per_shard)
@@ -153,6 +169,7 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]],
         # corpus-wide counters are reported once, with the first shard
         out_stats.append(_finish_shard(cfg, layout, p, s, kept, dropped + gone, records + [rec],
                                        ctx.counters if i == 0 else {}))
+        bar.update()
     return out_stats
 
 
@@ -374,7 +391,7 @@ def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
             skipped += len(shards)
         elif phase and phase[0][0].kind == "global":
             processed += len(shards)
-            done = {st["shard"]: st for st in run_global_phase(cfg, p, shards, fixed)}
+            done = {st["shard"]: st for st in run_global_phase(cfg, p, shards, fixed, desc)}
         else:
             skipped += len(done)
             processed += len(shards) - len(done)

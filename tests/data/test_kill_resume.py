@@ -230,3 +230,20 @@ def test_a_run_made_before_the_output_identity_resumes_and_data_files_alone_are_
     with pytest.raises(ConfigError, match=r"holds an earlier run's files .*data.* rerun with --restart"):
         run_local(cfg)
     assert run_local(cfg, restart=True)["balance"] == first["balance"]
+
+
+def test_a_corpus_wide_phase_shows_its_progress(tmp_path, capsys):
+    """The global phase (minhash/exact dedup over the whole corpus) showed no bar: after the map phase's bar reached
+    100% a run sat silent while every shard was read, deduplicated and written (minutes on a large corpus)."""
+    from lmforge.cli import main
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"{i}.txt").write_text(f"a document number {i % 2} with some words in it\n")
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = true\nworkers = 1\n[input]\npaths = ["{tmp_path / "in"}"]\nfiles_per_shard = 1\n'
+                 f'[output]\ndir = "{tmp_path / "out"}"\n[[stages]]\nstage = "exact_dedup"\n')
+    assert main(["data", "run", str(p)]) == 0
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "phase 1/1 [exact_dedup] running over 3 documents read" in err
+    assert "phase 1/1 [exact_dedup] write: 100%" in err and "3/3" in err

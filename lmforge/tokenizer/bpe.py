@@ -424,11 +424,20 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Read a file written by `save` (or the directory holding it)."""
+        """Read a file written by `save` (or the directory holding it). Another format (a HF tokenizer.json, GPT-2 or
+        tiktoken files) is refused saying that `load_tokenizer` opens it: the message named no way forward."""
+        given = path
         path = Path(path)
         if path.is_dir():
             path = path / FILE_NAME
-        tok = cls.from_dict(formats._read_json(path, "tokenizer file"), str(path))
+        try:
+            d = formats._read_json(path, "tokenizer file")
+            if not isinstance(d, dict) or d.get("type") != "bpe":
+                raise DataError(f"{path} is not an lmforge BPE tokenizer (type must be 'bpe')")
+        except DataError as e:
+            raise DataError(f"{e}; lf.load_tokenizer({str(given)!r}) opens a HF tokenizer.json, GPT-2 vocab.json + "
+                            "merges.txt or a tiktoken file, or a directory holding one") from None
+        tok = cls.from_dict(d, str(path))
         tok.path = path.resolve()
         return tok
 

@@ -104,3 +104,18 @@ def test_a_validation_split_too_small_for_the_files_warns(tmp_path):
         rep = encode_to_shards(ByteTokenizer(), [str(tmp_path / "tiny.txt")], tmp_path / "s", val_fraction=0.5,
                                progress=False)
     assert rep.tokens == {"train": 5, "val": 0}
+
+
+def test_tokenizer_load_of_another_format_names_load_tokenizer(tmp_path):
+    """lf.Tokenizer.load on a HF tokenizer.json, or on a directory of GPT-2 or HF files, said only "not an lmforge BPE
+    tokenizer" or "lmforge_tokenizer.json not found", naming no way to open the file it was given."""
+    import lmforge as lf
+
+    tok = lf.Tokenizer({i: bytes([i]) for i in range(256)} | {256: b"ab"}, [(b"a", b"b")], {"<|endoftext|>": 257})
+    hf = tok.save_hf(tmp_path / "hf")
+    tok.save_gpt2(tmp_path / "gpt2")
+    for given in (hf, tmp_path / "hf", tmp_path / "gpt2"):
+        with pytest.raises(DataError, match=rf"; lf\.load_tokenizer\('{given}'\) opens a HF tokenizer\.json, GPT-2 "):
+            lf.Tokenizer.load(given)
+        assert lf.load_tokenizer(given).encode("abab<|endoftext|>") == [256, 256, 257]
+    assert lf.Tokenizer.load(tok.save(tmp_path / "own")).merges == tok.merges

@@ -288,6 +288,9 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
     if inside:
         raise ConfigError(f"input {inside[0]} lies inside output.dir {root}: a run writes (and --restart removes) "
                           "its files there; choose an output.dir apart from the inputs")
+    if (holder := _input_dir_holding(cfg, root)) is not None:
+        raise ConfigError(f"output.dir {root} lies inside the input directory {holder}: a rerun (a resume, "
+                          "--restart) would read this run's files as inputs; choose an output.dir outside it")
     orphan = None if saved.is_file() else _orphan_output(cfg)
     if restart:
         remove_token_files(root)  # before the records that name them go with the run's entries
@@ -315,6 +318,17 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
         _check_files_used(cfg, old_files or {}, fixed)
     write_json_atomic(saved, {**mine, "inputs": inputs, "stage_files": fixed})
     return shards, fixed
+
+
+def _input_dir_holding(cfg: PipelineConfig, root: Path) -> Path | None:
+    """The input directory (an input path that is one) output.dir lies in, where a directory's files are read
+    (`input_files`: not under a hidden folder), or None. Caught only by the `inside` check of the next run, such a
+    run finished once and then could neither resume nor restart."""
+    for p in map(Path, cfg.input.paths):
+        if p.is_dir() and root.resolve().is_relative_to(p.resolve()):
+            if not any(part.startswith(".") for part in root.resolve().relative_to(p.resolve()).parts):
+                return p
+    return None
 
 
 def _check_files_used(cfg: PipelineConfig, old: dict[str, list[list]], now: dict[str, list[list]]) -> None:

@@ -390,3 +390,25 @@ def test_warc_responses_declaring_another_content_type_are_rejected_not_kept_as_
         for n in ("pdf", "json", "script")}
     assert {s["name"]: s["rejected"] for s in report["stages"]}["extract"] == {"extract:not_html": 3}
     assert report["balance"]["balanced"]
+
+
+def test_an_output_dir_inside_an_input_directory_is_refused_before_the_first_run(tmp_path):
+    """output.dir inside an input directory passed the first run, whose files the next run then read as inputs:
+    refused only then ("input ... lies inside output.dir"), so a killed run could not be resumed or restarted."""
+    from lmforge.errors import ConfigError
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("one document\n")
+
+    def run(out: Path) -> dict:
+        p = tmp_path / "p.toml"
+        p.write_text(f'progress = false\n[input]\npaths = ["{src}"]\n[output]\ndir = "{out}"\n')
+        return run_local(load_pipeline(p))
+
+    with pytest.raises(ConfigError, match=f"^output.dir {src / 'out'} lies inside the input directory {src}: a "
+                                          r"rerun \(a resume, --restart\) would read this run's files as inputs"):
+        run(src / "out")
+    assert not (src / "out").exists()
+    for _ in range(2):  # a hidden folder's files are not inputs (utils.input_files): a run there resumes
+        assert run(src / ".out")["balance"]["input_docs"] == 1

@@ -82,10 +82,14 @@ def read_hint(report: dict, text_key: str, out_dir: str) -> str:
 
 
 def reuse_line(report: dict, out_dir: str) -> str:
-    """What an earlier run contributed to this one."""
-    sh = report.get("shards") or {}
+    """What an earlier run contributed to this one. The Ray executor's report counts no shards (it cannot resume: each
+    run processes every document); the line said "fresh run: ? shard-phase(s) processed" there."""
+    if "shards" not in report:
+        return (f"fresh run ({report.get('executor', 'ray')} executor, which does not resume): every one of the "
+                f"{report['balance']['input_docs']:,} input documents processed")
+    sh = report["shards"]
     if not sh.get("skipped"):
-        return f"fresh run: {sh.get('processed', '?')} shard-phase(s) processed"
+        return f"fresh run: {sh['processed']} shard-phase(s) processed"
     return (f"reused {sh['skipped']} finished shard-phase(s) of the earlier run in {out_dir} (same pipeline, "
             f"inputs unchanged: same file names, sizes and modification times); processed {sh['processed']} now")
 

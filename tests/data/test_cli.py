@@ -100,3 +100,16 @@ def test_a_run_whose_every_record_is_a_read_error_says_so(tmp_path, capsys):
     main(["data", "run", str(p)])
     assert ("every record read was a read error (most: read_error:bad_json, 3): check the input's format"
             in capsys.readouterr().out)
+
+
+def test_the_reuse_line_of_a_ray_run_counts_its_documents():
+    """The Ray executor's report counts no shard-phases (it does not resume): `lmforge data run --executor ray`
+    ended with "fresh run: ? shard-phase(s) processed"."""
+    from lmforge.cli.data import reuse_line
+
+    ray = {"stages": [], "counters": {}, "output": "o/data", "executor": "ray",
+           "balance": {"input_docs": 1234, "added_docs": 0, "kept_docs": 1000, "rejected_docs": 234, "balanced": True}}
+    assert reuse_line(ray, "o") == ("fresh run (ray executor, which does not resume): every one of the 1,234 input "
+                                    "documents processed")
+    local = {**ray, "executor": None, "shards": {"total": 2, "processed": 4, "skipped": 0}}
+    assert reuse_line(local, "o") == "fresh run: 4 shard-phase(s) processed"

@@ -165,3 +165,15 @@ def test_bytes_not_utf8_are_said_once_and_as_what_they_became(tmp_path, capsys):
     out = capsys.readouterr()
     said = out.out + out.err
     assert "U+FFFD" not in said and said.count("Windows-1252") == 1
+
+
+def test_counting_shows_a_bar_of_the_bytes_read(tmp_path, capsys):
+    """Counting pre-tokens (most of a large corpus's training time) showed no progress: nothing was printed before
+    the merges' bar."""
+    f = tmp_path / "c.txt"
+    f.write_text("the cat sat on the mat\n" * 100)  # 2,300 bytes
+    train_bpe([f], 270, progress=True, workers=1)
+    err = capsys.readouterr().err
+    assert "count pre-tokens:   0%|          | 0.00/2.30k" in err and "bpe merges" in err
+    train_bpe([f], 270, progress=False, workers=1)
+    assert capsys.readouterr().err == ""

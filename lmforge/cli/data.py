@@ -61,6 +61,8 @@ def run(argv: list[str]) -> int:
         print(hint)
     print(reuse_line(report, cfg.output.dir))
     print(f"kept documents: {report['output']}; report: {cfg.output.dir}/report.md")
+    if line := token_line(cfg.output.dir):
+        print(line)
     return 0 if report["balance"]["balanced"] else 1
 
 
@@ -79,6 +81,18 @@ def read_hint(report: dict, text_key: str, out_dir: str) -> str:
                 f"(input.format; a .json file must hold JSON Lines or one JSON array); each error is in "
                 f"{out_dir}/rejected/")
     return ""
+
+
+def token_line(out_dir: str) -> str:
+    """Where the run's token shards are and how to train on them (the tokenize stage's out_dir, which the run
+    claims for itself), or "" for a run that wrote none; the run named only its kept documents and report."""
+    from lmforge.data.tokenize import recorded_token_files
+
+    shards = [p for p in recorded_token_files(out_dir) if p.is_file()]
+    if not shards:
+        return ""
+    folder = shards[0].parent
+    return f"token shards: {len(shards)} in {folder}; train on them: lmforge train --data.train {folder}/*.bin"
 
 
 def reuse_line(report: dict, out_dir: str) -> str:

@@ -59,8 +59,9 @@ def check_text_file(path: str | Path) -> None:
     kind = next((kind for magic, kind in NOT_TEXT if head.startswith(magic)), None)
     if kind is not None:
         raise DataError(f"tokenizer input {str(path)!r} is {kind}, not text: the tokenizer reads plain text files; "
-                        "leave it out, or pass its documents' texts from Python (a data pipeline's JSONL or Parquet: "
-                        "lf.train_bpe(d.text for d in lmforge.data.readers.read_documents(path)))")
+                        "leave it out, or, for a data pipeline's JSONL or Parquet, train on its documents from Python "
+                        "(lf.train_bpe(d.text for d in lmforge.data.readers.read_documents(path))) and encode them "
+                        "with a pipeline's tokenize stage")
 
 
 def read_range(path: str | Path, start: int, end: int) -> tuple[bytes, str, int]:

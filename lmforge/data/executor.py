@@ -69,6 +69,16 @@ class RunLayout:
         return any(self.marker(phase_of[label], "*").parent.glob("*.done.json"))
 
 
+def read_run_json(path: Path) -> Any:
+    """A JSON file the run wrote for itself (pipeline.json, a shard's done marker). One that is damaged (they are
+    written atomically, so not by a kill: a disk fault, an edit) was a JSONDecodeError traceback on every rerun."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}, one of the run's own records, is corrupt ({e}); rerun with --restart to redo "
+                          "the run, or choose a new output.dir") from None
+
+
 def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path]
                 ) -> tuple[list[Document], list[Document], list[dict[str, Any]]]:
     """(live docs, rejected at read, stage records) entering phase p for one shard."""
@@ -305,7 +315,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
     mine = run_identity(cfg)
     inputs = input_fingerprint(shards)
     if saved.is_file():
-        old = _saved_identity(json.loads(saved.read_text()), cfg)
+        old = _saved_identity(read_run_json(saved), cfg)
         old_inputs = old.pop("inputs", None)
         old_files = old.pop("stage_files", None)  # (none from lmforge before 2026-12-07)
         if old != mine:
@@ -399,7 +409,7 @@ def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
     all_stats: list[dict[str, Any]] = []
     skipped = processed = 0
     for p, phase in enumerate(phases(cfg.built_stages())):
-        done = {s: json.loads(layout.marker(p, s).read_text()) for s in shards if layout.marker(p, s).is_file()}
+        done = {s: read_run_json(layout.marker(p, s)) for s in shards if layout.marker(p, s).is_file()}
         desc = f"phase {p + 1}/{layout.n_phases} [{', '.join(spec.name for spec, _ in phase) or 'copy'}]"
         if len(done) == len(shards):
             skipped += len(shards)

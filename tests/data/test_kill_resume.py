@@ -247,3 +247,26 @@ def test_a_corpus_wide_phase_shows_its_progress(tmp_path, capsys):
     err = capsys.readouterr().err.replace("\r", "\n")
     assert "phase 1/1 [exact_dedup] running over 3 documents read" in err
     assert "phase 1/1 [exact_dedup] write: 100%" in err and "3/3" in err
+
+
+def test_a_damaged_record_of_the_run_is_one_line_and_restart_redoes_it(tmp_path):
+    """A shard's done marker or pipeline.json that no longer parses (a disk fault, an edit: they are written
+    atomically) was a JSONDecodeError traceback on every rerun."""
+    import pytest
+
+    from lmforge.data.executor import run_local
+    from lmforge.data.pipeline import load_pipeline
+    from lmforge.errors import ConfigError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("one document\n")
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{tmp_path / "o"}"\n'
+                 '[[stages]]\nstage = "exact_dedup"\n')
+    run_local(load_pipeline(p))
+    for damaged in (tmp_path / "o" / "_work" / "p0" / "shard-00000.done.json", tmp_path / "o" / "pipeline.json"):
+        damaged.write_text('{"shard": "shard-0')
+        with pytest.raises(ConfigError, match=f"^{damaged}, one of the run's own records, is corrupt \\(.*\\); rerun "
+                                              "with --restart to redo the run, or choose a new output.dir$"):
+            run_local(load_pipeline(p))
+        assert run_local(load_pipeline(p), restart=True)["balance"]["kept_docs"] == 1

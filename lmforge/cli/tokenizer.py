@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 from lmforge.cli.common import parse_config, run_group
 from lmforge.config import check
+from lmforge.errors import ConfigError
 from lmforge.utils import check_output_path
 
 
@@ -102,6 +103,7 @@ def train(argv: list[str]) -> int:
 
     a = parse_config(TrainArgs, argv, prog="lmforge tokenizer train", description=TrainArgs.__doc__ or "")
     check_output_path(a.out, "--out", file=Path(a.out).suffix == ".json")  # a .json --out is the tokenizer file
+    check_stale_exports(a.out, a.export)
     files = expand_inputs(a.input)
     stats: dict = {}
     t0 = time.perf_counter()
@@ -117,6 +119,26 @@ def train(argv: list[str]) -> int:
     if stats["undecodable_bytes"]:
         print(undecodable_note(stats["undecodable_bytes"], kept=False))
     return 0
+
+
+# what each --export format writes into --out
+EXPORT_FILES = {"hf": ("tokenizer.json", "tokenizer_config.json"), "gpt2": ("vocab.json", "merges.txt",
+                "added_tokens.json"), "tiktoken": ("bpe.tiktoken",)}
+
+
+def check_stale_exports(out: str, export: tuple[str, ...]) -> None:
+    """Refuse, before training, an --out folder holding files of an --export format this train does not write (an
+    earlier train's): left beside the new lmforge_tokenizer.json they were another tokenizer, which HF
+    (AutoTokenizer on the folder), tiktoken or `--tokenizer DIR/tokenizer.json` read without a word."""
+    folder = Path(out)
+    if folder.suffix == ".json" or not folder.is_dir():
+        return
+    formats = [f for f, names in EXPORT_FILES.items() if f not in export and any((folder / n).exists() for n in names)]
+    if formats:
+        names = [n for f in formats for n in EXPORT_FILES[f] if (folder / n).exists()]
+        raise ConfigError(f"--out {out} holds {', '.join(names)} (another tokenizer's {'/'.join(formats)} export), "
+                          f"which this train would leave beside its new lmforge_tokenizer.json; add --export "
+                          f"{' '.join([*export, *formats])} to rewrite them, remove them, or choose another --out")
 
 
 def encode(argv: list[str]) -> int:

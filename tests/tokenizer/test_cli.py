@@ -303,3 +303,25 @@ def test_an_encode_without_val_removes_the_earlier_encodes_val_bin(tok_dir, corp
         "train.bin/val.bin pair, and this encode writes no val.bin (--val-fraction 0), so it would be taken for "
         "the new train.bin's; move it away, or encode into another directory")
     assert (out / "val.bin").read_bytes() == before["val.bin"] and (out / "train.bin").read_text() == "not a shard"
+
+
+def test_train_refuses_an_out_holding_exports_it_would_leave_stale(tmp_path, capsys):
+    """A second train into the same --out without --export rewrote lmforge_tokenizer.json and left the first
+    train's tokenizer.json and bpe.tiktoken beside it: HF's AutoTokenizer on the folder read the old tokenizer."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat and the dog sat on the log\n" * 50)
+    out = tmp_path / "tok"
+    train = ["tokenizer", "train", "--input", str(corpus), "--out", str(out), "--workers", "1", "--progress", "False"]
+    assert lmforge_main([*train, "--vocab-size", "270", "--export", "hf", "tiktoken"]) == 0
+    first = (out / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    assert lmforge_main([*train, "--vocab-size", "280", "--export", "hf"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"lmforge tokenizer: error: --out {out} holds bpe.tiktoken (another tokenizer's tiktoken export), which this "
+        "train would leave beside its new lmforge_tokenizer.json; add --export hf tiktoken to rewrite them, remove "
+        "them, or choose another --out")
+    assert (out / "tokenizer.json").read_bytes() == first and load_tokenizer(out).vocab_size == 270  # untouched
+    assert lmforge_main([*train, "--vocab-size", "280", "--export", "tiktoken", "hf"]) == 0
+    new = load_tokenizer(out / "lmforge_tokenizer.json").merges
+    assert load_tokenizer(out / "tokenizer.json").merges == load_tokenizer(out / "bpe.tiktoken").merges == new
+    assert len(new) > 270 - 257

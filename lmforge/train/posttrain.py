@@ -138,15 +138,19 @@ def adapter_base(cfg: PostTrainConfig, merged: bool) -> dict[str, Any] | None:
 
 def check_run_objective(cfg: PostTrainConfig) -> None:
     """Refuse a run_dir whose checkpoints another objective wrote (their config.json's "objective"): resuming
-    it would train that run on with this loss, its metrics and final checkpoint a mix of both."""
+    it would train that run on with this loss, its metrics and final checkpoint a mix of both. Checkpoints that
+    record no objective are a pretraining run's (`lmforge train`, `lf.train`; a post-training command has recorded
+    its objective since it existed): `run_dir = init` resumed the pretraining run as this one, past max_steps, and
+    overwrote its config.json (found 2026-12-07)."""
     import json
 
     from lmforge.checkpoint import checkpoint_dirs
 
     done = checkpoint_dirs(cfg.run_dir)
-    was = json.loads((done[-1] / "config.json").read_text()).get("objective") if done else None
+    was = json.loads((done[-1] / "config.json").read_text()).get("objective", "pretraining") if done else None
     if was is not None and was != cfg.objective:
-        raise ConfigError(f"run_dir {cfg.run_dir!r} holds a {was} run (its checkpoints' objective), which "
+        what = "its checkpoints' objective" if was != "pretraining" else "its checkpoints record no objective"
+        raise ConfigError(f"run_dir {cfg.run_dir!r} holds a {was} run ({what}), which "
                           f"`lmforge {cfg.objective}` would resume with another loss; set run_dir to a new directory, "
                           f"or start from that run with init = '{cfg.run_dir}'")
 

@@ -81,6 +81,23 @@ def test_a_run_dir_of_another_objective_is_refused(base, reward_model, tmp_path)
     assert sorted(p.name for p in (reward_model / "checkpoints").iterdir()) == before
 
 
+def test_a_pretraining_run_dir_is_refused(base, tmp_path):
+    """A pretraining run's checkpoints record no objective: `run_dir` = the init run (a copy here) was taken as
+    this run's to resume, past max_steps, and its config.json was overwritten with the SFT run's (found
+    2026-12-07). Refused in one line before anything is written."""
+    import shutil
+
+    pretrain = tmp_path / "pretrain"
+    shutil.copytree(base / "base", pretrain)
+    before = {p.name: p.read_bytes() for p in pretrain.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            f"run_dir '{pretrain}' holds a pretraining run (its checkpoints record no objective), which `lmforge sft` "
+            f"would resume with another loss; set run_dir to a new directory, or start from that run with "
+            f"init = '{pretrain}'")):
+        PT.posttrain(post._cfg(base, pretrain, init=str(pretrain), max_steps=3, plot=False))
+    assert {p.name: p.read_bytes() for p in pretrain.iterdir() if p.is_file()} == before
+
+
 def test_an_init_with_adapters_over_a_quantized_base_is_refused_naming_resume():
     """A run started from a QLoRA checkpoint merges the init's adapters first, which a quantized base cannot take:
     the error advised 'serve it unmerged, save the adapters alone' (found 2026-12-07); it now says how to train

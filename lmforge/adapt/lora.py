@@ -156,6 +156,12 @@ def _matching(model: nn.Module, names: list[str], patterns: tuple[str, ...], wha
     return [n for n in names if matches(n, patterns)]
 
 
+def _short_names(names: list[str]) -> list[str]:
+    """The last parts of dotted module names, sorted, without list indices ('blocks.0.attn.wq' -> 'wq')."""
+    tails = {n.rsplit(".", 1)[-1] for n in names}
+    return sorted(t for t in tails if not t.isdigit())
+
+
 def _refuse_tied(model: nn.Module, targets: list[str]) -> None:
     """A tied weight (lm_head = tok_emb) cannot take a merged update without changing its other owner."""
     owners: dict[int, list[str]] = {}
@@ -191,12 +197,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         raise ConfigError(f"{type(model).__name__} already has LoRA adapters; merge_lora(model) first, or "
                           "apply_lora to a fresh model")
     linears = list(outer_layers(model))
-    short = sorted({n.rsplit(".", 1)[-1] for n in linears})
     targets = _matching(model, linears, cfg.targets, "LoRA target", "nn.Linear (or linear-like layer)",
-                        f"its Linear layers are named {', '.join(short)} (a quantized layer's own parts are "
-                        "adapted with it, not alone)")
-    kept = _matching(model, [n for n, _ in model.named_modules() if n], cfg.trainable, "trainable pattern",
-                     "module", "name a module, e.g. 'head'")
+                        f"its Linear layers are named {', '.join(_short_names(linears))} (a quantized layer's own "
+                        "parts are adapted with it, not alone)")
+    modules = [n for n, _ in model.named_modules() if n]
+    kept = _matching(model, modules, cfg.trainable, "trainable pattern", "module",  # it said "e.g. 'head'" to 'head'
+                     f"its modules are named {', '.join(_short_names(modules))}")
     _refuse_tied(model, targets)
     _refuse_rank(model, targets, cfg.r)
     layer = layer_kinds()["dora" if cfg.dora else "lora"]

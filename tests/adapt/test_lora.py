@@ -207,8 +207,10 @@ def test_errors_name_the_fix(tmp_path):
         apply_lora(tiny_model(0), LoRAConfig()).fuse_projections()
     with pytest.raises(ConfigError, match="lm_head.weight is tied to tok_emb.weight"):
         apply_lora(tiny_model(0, tie_embeddings=True), LoRAConfig(targets=("lm_head",)))
-    with pytest.raises(ConfigError, match="'head' matches no module"):
-        apply_lora(tiny_model(0), LoRAConfig(trainable=("head",)))
+    with pytest.raises(ConfigError, match=r"'head' matches no module of Transformer; its modules are named attn, "
+                                          r"blocks, .*lm_head, .*tok_emb, .*wv$") as refused:
+        apply_lora(tiny_model(0), LoRAConfig(trainable=("head",)))  # the hint said "e.g. 'head'" (2026-12-07)
+    assert "'head'" not in str(refused.value).split(";")[1] and " 0," not in str(refused.value)
     with pytest.raises(ConfigError, match="unmerged LoRA adapters .*merge_lora"):  # HF files would hold the base model
         apply_lora(tiny_model(0), LoRAConfig()).save_pretrained(tmp_path)
     assert not list(tmp_path.iterdir())  # refused before writing anything

@@ -370,9 +370,10 @@ class PostTrainConfig(LoopConfig):
     init: str = ""
     """checkpoint, run directory or HF model directory to start from"""
     reference: str = ""
-    """frozen reference model for DPO/KTO ('' = the init model; with [lora]: the policy with adapters off)"""
+    """frozen reference model for DPO/KTO ('' = the init model; with [lora]: the policy with adapters off); refused
+    for an objective that uses none (SFT, ORPO, SimPO, ...)"""
     teacher: str = ""
-    """teacher model for distillation"""
+    """teacher model for distillation; refused for an objective that uses none"""
     tokenizer: str = ""
     """tokenizer spec ('' = the one saved with the init model)"""
     lora: LoRAConfig | None = None

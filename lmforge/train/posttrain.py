@@ -155,6 +155,17 @@ def check_run_objective(cfg: PostTrainConfig) -> None:
                           f"or start from that run with init = '{cfg.run_dir}'")
 
 
+def check_unused_models(cfg: PostTrainConfig, params) -> None:
+    """Refuse a reference or teacher the objective never loads (`params`: its class's constructor parameters; a
+    SimPO DPOObjective takes no reference): `lmforge sft --teacher X` or `lmforge orpo --reference X` trained as if
+    it were not set, a path that did not exist included (found 2026-12-07)."""
+    simpo = getattr(getattr(cfg, cfg.objective, None), "loss_type", "") == "simpo"
+    for role, path in (("reference", cfg.reference), ("teacher", cfg.teacher)):
+        if path and (role not in params or (role == "reference" and simpo)):
+            user = f"{cfg.objective} with loss_type='simpo'" if role in params else cfg.objective
+            raise ConfigError(f"{user} uses no {role} model, so {role} = {path!r} would be ignored; remove it")
+
+
 def frozen_devices(cfg: PostTrainConfig) -> dict[str, torch.device | None]:
     """The objective's reference_device / teacher_device options, checked (lmforge.align.frozen.frozen_device):
     a device this machine lacks is a one-line error naming the option."""
@@ -206,9 +217,11 @@ def check_posttrain(cfg: PostTrainConfig) -> None:
         path = getattr(kind, what)
         if path is not None and not callable(resolve(path)):
             raise ConfigError(f"data kind {spec.data!r}: DataKindSpec.{what}={path!r} is no function")
-    if "teacher" in inspect.signature(resolve(spec.path)).parameters and not cfg.teacher:
+    params = inspect.signature(resolve(spec.path)).parameters
+    if "teacher" in params and not cfg.teacher:
         raise ConfigError(f"{cfg.objective} needs a teacher model: set teacher = 'checkpoint or HF directory'")
     frozen_devices(cfg)  # (the settings alone first, then the files they name)
+    check_unused_models(cfg, params)
     resolve_checkpoint(cfg.init)
     check_run_objective(cfg)
     for path in (*cfg.data.train, *cfg.data.val):

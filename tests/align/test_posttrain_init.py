@@ -98,6 +98,20 @@ def test_a_pretraining_run_dir_is_refused(base, tmp_path):
     assert {p.name: p.read_bytes() for p in pretrain.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.parametrize("objective,over,message", [
+    ("sft", {"teacher": "T"}, "sft uses no teacher model, so teacher = 'T' would be ignored; remove it"),
+    ("orpo", {"reference": "R"}, "orpo uses no reference model, so reference = 'R' would be ignored; remove it"),
+    ("dpo", {"teacher": "T"}, "dpo uses no teacher model, so teacher = 'T' would be ignored; remove it"),
+    ("dpo", {"reference": "R", "dpo": {"loss_type": "simpo"}},
+     "dpo with loss_type='simpo' uses no reference model, so reference = 'R' would be ignored; remove it")])
+def test_a_reference_or_teacher_the_objective_never_loads_is_refused(base, tmp_path, objective, over, message):
+    """`lmforge sft --teacher X`, `lmforge orpo --reference X` and SimPO's reference trained as if unset, a path
+    that does not exist included (found 2026-12-07): refused in one line before the run starts."""
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
+        PT.posttrain(post._cfg(base, tmp_path / "run", objective, **over))
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_init_with_adapters_over_a_quantized_base_is_refused_naming_resume():
     """A run started from a QLoRA checkpoint merges the init's adapters first, which a quantized base cannot take:
     the error advised 'serve it unmerged, save the adapters alone' (found 2026-12-07); it now says how to train

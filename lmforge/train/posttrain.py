@@ -100,6 +100,22 @@ def _frozen_model(path: str, role: str, device: str, tok=None, dtype: str | None
     return model if cast is None else model.to(device=device, dtype=cast)
 
 
+def lora_under_head(lora: LoRAConfig | None, model: torch.nn.Module) -> LoRAConfig | None:
+    """[lora] for a language model that the objective's head (`ObjectiveSpec.wrap`, a SequenceHead) is put on after
+    the adapters: that head is new and trains in full, so a trainable pattern naming it alone (`trainable =
+    ["head"]`, as apply_lora on a SequenceHead and a run continuing a reward model take it) is met, not refused as
+    matching no module of the language model (`lmforge rm --lora.trainable head` was, found 2026-12-07)."""
+    import dataclasses
+
+    from lmforge.model.surgery import matches
+
+    if lora is None:
+        return None
+    names = [n for n, _ in model.named_modules() if n]
+    kept = tuple(p for p in lora.trainable if not matches("head", (p,)) or any(matches(n, (p,)) for n in names))
+    return dataclasses.replace(lora, trainable=kept)
+
+
 def start_model(model: torch.nn.Module, lora: LoRAConfig | None, own_reference: bool) -> torch.nn.Module:
     """The policy this run trains. An init holding adapters (a LoRA run's checkpoint) has them merged: they
     are part of the model it starts from, and without [lora] every weight trains (unmerged, its base
@@ -261,7 +277,8 @@ def posttrain(cfg: PostTrainConfig):
               f"{cfg.data.template!r} (data.template); its checkpoints record {cfg.data.template!r} for lmforge chat")
     refs = "reference" in inspect.signature(resolve(spec.path)).parameters
     # before the data: a LoRA target matching no layer stops the run at once
-    model = start_model(model, cfg.lora, own_reference=refs and not cfg.reference)
+    lora = lora_under_head(cfg.lora, model) if spec.wrap and not own_head else cfg.lora
+    model = start_model(model, lora, own_reference=refs and not cfg.reference)
     # the objective's options reach its data kind's batches (KTOConfig(kl=False) reads no mismatched rows: none built)
     train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed, getattr(cfg, cfg.objective, None))
     run_dir = Path(cfg.run_dir)

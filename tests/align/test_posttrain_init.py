@@ -112,6 +112,21 @@ def test_a_reference_or_teacher_the_objective_never_loads_is_refused(base, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_lmforge_rm_with_lora_takes_the_head_as_trainable(base, tmp_path):
+    """`lmforge rm --lora.trainable head` (as apply_lora on a SequenceHead takes it) was refused: the head is put on
+    after the adapters, so 'head' matched no module of the language model (found 2026-12-07). The fresh head trains
+    in full either way: the run equals one without the pattern; a pattern naming nothing is still refused."""
+    runs = {}
+    for name, trainable in (("named", ["head"]), ("unnamed", [])):
+        lora = {"r": 2, "targets": ["wq"], "trainable": trainable}
+        PT.posttrain(post._cfg(base, tmp_path / name, "rm", lora=lora, max_steps=2, plot=False))
+        runs[name] = ckpt.load_model(tmp_path / name, tokenizer=False)[0].state_dict()
+    assert runs["named"].keys() == runs["unnamed"].keys()
+    assert all(torch.equal(t, runs["unnamed"][n]) for n, t in runs["named"].items())
+    with pytest.raises(ConfigError, match="^trainable pattern 'heads' matches no module of Transformer"):
+        PT.posttrain(post._cfg(base, tmp_path / "bad", "rm", lora={"r": 2, "trainable": ["heads"]}))
+
+
 def test_an_init_with_adapters_over_a_quantized_base_is_refused_naming_resume():
     """A run started from a QLoRA checkpoint merges the init's adapters first, which a quantized base cannot take:
     the error advised 'serve it unmerged, save the adapters alone' (found 2026-12-07); it now says how to train

@@ -275,8 +275,11 @@ def encode_preference(enc: Encoder, rec: dict, where: str, fit) -> tuple:
     """Data kind 'preference': prompt + chosen + rejected [+ margin] -> (chosen, rejected[, margin])."""
     for f in ("prompt", "chosen", "rejected"):
         if f not in rec:
-            raise RecordError(f"missing_{f}",
-                              f"{where}: preference record lacks field {f!r} (needs prompt, chosen, rejected)")
+            implicit = f == "prompt" and "chosen" in rec and "rejected" in rec  # TRL's implicit prompt (HH-RLHF)
+            raise RecordError(f"missing_{f}", f"{where}: preference record lacks field {f!r} (needs prompt, chosen, "
+                              "rejected)" + ("; where chosen and rejected each hold the whole conversation (an "
+                                             "implicit prompt), move the turns they share into 'prompt'"
+                                             if implicit else ""))
     if rec["chosen"] == rec["rejected"]:
         raise RecordError("chosen_equals_rejected", f"{where}: fields 'chosen' and 'rejected' are identical, so "
                           "the pair teaches nothing; remove the record")

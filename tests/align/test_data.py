@@ -81,6 +81,15 @@ def test_bad_records_name_file_line_and_field_or_are_counted(tmp_path):
                                       {"prompt": "q", "chosen": "a", "rejected": "a"}])
     with pytest.raises(DataError, match=r"^p.jsonl:2: fields 'chosen' and 'rejected' are identical"):
         D.load_records((str(p),), enc, "preference", 64, "raise")
+    hh = _write(tmp_path / "hh.jsonl", [{"chosen": _chat("q", "a"), "rejected": _chat("q", "b")}])  # HH-RLHF's form
+    with pytest.raises(DataError, match=r"^hh.jsonl:1: preference record lacks field 'prompt' \(needs prompt, chosen, "
+                                        r"rejected\); where chosen and rejected each hold the whole conversation \(an "
+                                        r"implicit prompt\), move the turns they share into 'prompt'; fix the record"):
+        D.load_records((str(hh),), enc, "preference", 64, "raise")
+    with pytest.raises(DataError, match=r"^hh2.jsonl:1: preference record lacks field 'rejected' \(needs prompt, "
+                                        r"chosen, rejected\); fix the record"):
+        D.load_records((str(_write(tmp_path / "hh2.jsonl", [{"prompt": "q", "chosen": "a"}])),), enc, "preference",
+                       64, "raise")
     k = _write(tmp_path / "k.jsonl", [{"prompt": "q", "completion": "a", "label": "yes"}])
     with pytest.raises(DataError, match=r"^k.jsonl:1: field 'label' must be true"):
         D.load_records((str(k),), enc, "kto", 64, "raise")

@@ -268,8 +268,14 @@ def refuse_pickled(path: str | Path) -> None:
 
 def peft_base(path: str | Path, base: str | Path | None = None) -> Path:
     """Where a PEFT adapter directory's base model is: `base` (--base DIR), else its adapter_config.json's
-    base_model_name_or_path; refused when that is no local path (nothing is downloaded)."""
+    base_model_name_or_path; refused when that is no local path (nothing is downloaded). A recorded `.../base` that
+    is gone while the directory holds its own `base/` is `lmforge export --adapter`'s layout moved whole (copied to
+    another machine, renamed): that `base/` (the export records it by its absolute path, as PEFT reads it; the moved
+    directory was refused, found 2026-12-07)."""
     where = base if base is not None else _peft_config(Path(path)).get("base_model_name_or_path")
+    if (base is None and isinstance(where, str) and where and Path(where).name == "base" and not Path(where).exists()
+            and (Path(path) / "base" / "config.json").is_file()):
+        return Path(path) / "base"
     if not isinstance(where, (str, Path)) or not where or not Path(where).exists():
         raise CheckpointError(f"{path} is a PEFT adapter over the base {where!r}, which is not a local directory "
                               "(nothing is downloaded); pass where the base model is: base=DIR or --base DIR")

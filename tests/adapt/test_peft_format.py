@@ -339,3 +339,24 @@ def test_a_base_path_that_is_no_string_is_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"PEFT adapter over the base 7, which is not a local directory"):
         peft_base(tmp_path)
     assert hf_chat_template(tmp_path) is None
+
+
+def test_an_exported_adapter_moved_with_its_base_loads_over_the_moved_base(tmp_path):
+    """`lmforge export --adapter` records OUT/base by its absolute path (PEFT reads it so): the export moved whole
+    (copied to another machine, renamed) was refused as an adapter over a base that is no local directory (found
+    2026-12-07). Its own base/ is taken; another recorded path that is gone is still refused."""
+    import shutil
+
+    from lmforge.adapt.peft_format import peft_base
+
+    _base(tmp_path / "out" / "base")
+    want = _adapter(tmp_path / "out" / "base", tmp_path / "out", target_modules=["q_proj", "v_proj"])
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    assert peft_base(tmp_path / "moved") == tmp_path / "moved" / "base"
+    model = load_model(tmp_path / "moved", tokenizer=False)[0]
+    assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5
+    config = json.loads((tmp_path / "moved" / "adapter_config.json").read_text())
+    (tmp_path / "moved" / "adapter_config.json").write_text(json.dumps(
+        {**config, "base_model_name_or_path": str(tmp_path / "elsewhere")}))
+    with pytest.raises(CheckpointError, match="which is not a local directory"):
+        peft_base(tmp_path / "moved")

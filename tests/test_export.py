@@ -852,3 +852,30 @@ def test_checkpoint_and_out_given_as_flags_are_named_as_positional(args, capsys)
     err = capsys.readouterr().err
     assert "'s value as a positional argument, without the flag: lmforge export CKPT OUT [options]" in err
     assert "Missing value" not in err
+
+
+def test_an_export_never_replaces_a_base_the_checkpoint_is_loaded_over(tmp_path, tok):
+    """`lmforge export RUN BASE_RUN --force`, BASE_RUN the run an adapter-only checkpoint's base is in, replaced it
+    with the export: the adapters' base was lost for good (found 2026-12-07). Refused for every base along the chain
+    (a LoRA run over a LoRA run over a base) and for a PEFT directory's base, as the exported checkpoint itself is."""
+    from lmforge.adapt.lora import merge_lora
+    from lmforge.checkpoint import base_record
+
+    save_checkpoint(tmp_path / "base", 0, tiny(tok.vocab_size), tokenizer=tok)
+    base = tmp_path / "base" / "checkpoints" / "step_000000"
+    lora = LoRAConfig(r=2, alpha=4, targets=("wq",))
+    first = save_checkpoint(tmp_path / "first", 1, adapted(load_model(base)[0], lora), tokenizer=tok,
+                            base=base_record(base))
+    second = save_checkpoint(tmp_path / "second", 1, adapted(merge_lora(load_model(first)[0]), lora), tokenizer=tok,
+                             base=base_record(first, merge_lora=True))
+    before = sorted(p.name for p in (tmp_path / "base").rglob("*"))
+    for out, held in ((tmp_path / "base", base), (tmp_path / "first", first)):
+        with pytest.raises(ConfigError, match="^" + re.escape(
+                f"{out} holds {held.resolve()}, the base model the adapters of {second} are loaded over, which the "
+                "export would replace; write the export elsewhere") + "$"):
+            export(ExportConfig(checkpoint=str(tmp_path / "second"), out=str(out), force=True))
+    assert sorted(p.name for p in (tmp_path / "base").rglob("*")) == before and first.is_dir()
+    export(ExportConfig(checkpoint=str(first), out=str(tmp_path / "peft"), adapter=True))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'peft' / 'base'))} holds .*, the base model "):
+        export(ExportConfig(checkpoint=str(tmp_path / "peft"), out=str(tmp_path / "peft" / "base"), force=True))
+    export(ExportConfig(checkpoint=str(tmp_path / "second"), out=str(tmp_path / "peft"), adapter=True, force=True))

@@ -98,7 +98,7 @@ def export(cfg: ExportConfig) -> Path:
         raise ConfigError(f"OUT {out} is inside --base-out {base_out}, which is written whole; give the base model a "
                           "directory apart from OUT (or leave --base-out out: OUT/base)")
     for target in (out, base_out) if base_out is not None else (out,):
-        check_target(target, ckpt, cfg.force)
+        check_target(target, ckpt, cfg.force, bases(ckpt, cfg.base))
     if cfg.family is not None and cfg.family not in FAMILIES:
         raise ConfigError(f"--family {cfg.family!r} is not a HF family lmforge writes; choose one of "
                           f"{sorted(FAMILIES)}")
@@ -226,9 +226,35 @@ def recorded_base_path(ckpt: Path, base: str | None) -> str:
 
 # ---- where and how ----------------------------------------------------------------------------------
 
-def check_target(path: Path, ckpt: Path, force: bool) -> None:
-    """An existing non-empty target is replaced only with --force, and never when it holds the checkpoint or
-    the current directory (atomic_dir renames the target away, and a process cannot rename '.')."""
+def bases(ckpt: Path, base: str | None) -> list[Path]:
+    """The directories an adapter-only checkpoint or a PEFT adapter directory is loaded over: its base (`base`, else
+    the recorded one), that base's own base where it is adapter-only too, and so on; those that exist."""
+    from lmforge.adapt.peft_format import is_peft_dir, peft_base
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.errors import LmforgeError
+
+    found, path = [], ckpt
+    while True:
+        try:
+            if is_peft_dir(path):
+                path = resolve_checkpoint(peft_base(path, base))
+            else:
+                record = json.loads((path / "config.json").read_text()).get("base")
+                if not isinstance(record, dict) and base is None:
+                    return found
+                path = resolve_checkpoint(base if base is not None else record["path"])
+        except (LmforgeError, OSError, ValueError, KeyError, TypeError):  # (a missing base: the load says so)
+            return found
+        if path in found or path == ckpt:
+            return found
+        found.append(path)
+        base = None  # --base names the first base only
+
+
+def check_target(path: Path, ckpt: Path, force: bool, under: list[Path] = ()) -> None:
+    """An existing non-empty target is replaced only with --force, and never when it holds the checkpoint, a base
+    it is loaded over (`under`, bases(): replacing it lost the base for good, found 2026-12-07) or the current
+    directory (atomic_dir renames the target away, and a process cannot rename '.')."""
     if path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents:
         raise ConfigError(f"{path} is the current directory or holds it, and an export replaces its directory "
                           "whole; run lmforge from another directory, or export into another one")
@@ -238,6 +264,10 @@ def check_target(path: Path, ckpt: Path, force: bool) -> None:
         raise ConfigError(f"{path} exists and is not empty; pass --force to replace it, or choose another directory")
     if path.resolve() == ckpt.resolve() or path.resolve() in ckpt.resolve().parents:
         raise ConfigError(f"{path} holds the checkpoint being exported ({ckpt}); write the export elsewhere")
+    for base in under:
+        if path.resolve() == base.resolve() or path.resolve() in base.resolve().parents:
+            raise ConfigError(f"{path} holds {base}, the base model the adapters of {ckpt} are loaded over, which "
+                              "the export would replace; write the export elsewhere")
 
 
 def source_family(ckpt: Path, model) -> str:

@@ -230,9 +230,22 @@ def read_jsonl(path: str | Path, report: DataReport, on_error: str):
             if problem is None:
                 yield where, rec
             elif on_error == "raise":
-                raise DataError(f"{where}: the record is {problem}; fix the line or set data.on_error='skip'")
+                raise DataError(f"{where}: the record is {problem}; "
+                                + (_json_array_fix(path) if i == 1 and raw.lstrip(b"\xef\xbb\xbf \t").startswith(b"[")
+                                   else "fix the line or set data.on_error='skip'"))
             else:
                 report.reject("bad_json", where)
+
+
+def _json_array_fix(path: Path) -> str:
+    """The fix for a file that opens a JSON array (Alpaca's alpaca_data.json, `datasets`' to_json(lines=False)): it
+    was read line by line as JSON Lines, its first line '[' 'not JSON' with no word of why (found 2026-12-07)."""
+    import shlex
+
+    code = 'import json, sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1], encoding="utf-8-sig"))]'
+    out = path.with_suffix(".jsonl")
+    return (f"the file looks like one JSON array, and data files are JSON Lines (one record per line): convert it "
+            f"with python -c {shlex.quote(code)} {shlex.quote(str(path))} > {shlex.quote(str(out))}")
 
 
 def _truncate(ex: Example, max_tokens: int, cut: list[bool], where: str, keep_end: bool = False) -> Example:

@@ -406,3 +406,28 @@ def test_sampled_token_ids_are_trained_as_they_are_in_every_record_kind(tmp_path
     path = _write(tmp_path / "bad.jsonl", [r for r, _ in bad] + [rec])
     items, report = D.load_records((str(path),), enc, "sft", 64, "skip")
     assert len(items) == 1 and report.rejected == {"bad_ids": 3, "ids_mismatch": 1}
+
+
+def test_a_json_array_file_is_told_apart_with_the_command_that_converts_it(tmp_path):
+    """A data file that is one JSON array (Alpaca's alpaca_data.json, pretty-printed or on one line) was read as JSON
+    Lines and refused as 'not JSON' or 'a list' at line 1, with no word of why (found 2026-12-07). The error says so
+    and gives a command, which writes the JSON Lines the run then reads."""
+    import shlex
+    import subprocess
+    import sys
+
+    enc = D.Encoder(TOK, "plain")
+    records = [{"messages": _chat("a", "b")}, {"messages": _chat("c", "d")}]
+    (tmp_path / "pretty.json").write_text(json.dumps(records, indent=1))
+    (tmp_path / "flat.json").write_text(json.dumps(records))
+    for name, problem in (("pretty", "not JSON: Expecting value"), ("flat", "a list, not an object")):
+        with pytest.raises(DataError, match=rf"^{name}.json:1: the record is {problem}.*; the file looks like one JSON "
+                                            r"array, and data files are JSON Lines \(one record per line\): convert it "
+                                            r"with python -c ") as e:
+            D.load_records((str(tmp_path / f"{name}.json"),), enc, "sft", 64, "raise")
+        command = str(e.value).split("convert it with ")[1].replace("python", shlex.quote(sys.executable), 1)
+        subprocess.run(command, shell=True, check=True, cwd=tmp_path)
+        items, rep = D.load_records((str(tmp_path / f"{name}.jsonl"),), enc, "sft", 64, "raise")
+        assert rep.used == 2 and len(items) == 2
+    with pytest.raises(DataError, match=r"^d.jsonl:2: the record is not JSON.*; fix the line or set data.on_error"):
+        D.load_records((str(_write(tmp_path / "d.jsonl", [records[0], "[oops"])),), enc, "sft", 64, "raise")

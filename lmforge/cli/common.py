@@ -230,6 +230,30 @@ def _joined_field_help():
         _strings.remove_single_line_breaks = original
 
 
+@contextmanager
+def _values_refused_in_one_line(prog: str):
+    """A value the config refuses (max_steps 0: its check, or 'abc' for an int) is a ConfigError, which `lmforge`
+    prints as one line naming the flag; tyro drew a box around it (the same key in a TOML file was one line).
+    Through tyro's parse-error hook (tyro._errors.on_parse_error, in the tyro the project requires; without it, its
+    box as before); the
+    other parse errors (an unknown flag, a missing value) keep tyro's message, which lists what it expected."""
+    try:
+        from tyro._errors import InstantiationFailure, on_parse_error
+    except ImportError:
+        yield
+        return
+
+    def refuse(event) -> None:
+        if not isinstance(event, InstantiationFailure):
+            return
+        flags = getattr(getattr(event.argument, "lowered", None), "name_or_flags", None)
+        where = f"{'/'.join(flags)}: " if flags else ""
+        raise ConfigError(f"{where}{event.message} ({prog} --help lists the options)")
+
+    with on_parse_error(refuse):
+        yield
+
+
 def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
                  default: T | None = None, config_file: bool = True) -> T:
     """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
@@ -258,7 +282,7 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
             for n, tp in optional.items())
     if open_sections(cls, argv, data) or path is not None:
         default = from_dict(cls, {**_required_flags(cls, argv), **data}, base=default)
-    with _help_registry(), _joined_field_help():  # (tyro >= 0.9; its `registry=` argument came later)
+    with _help_registry(), _joined_field_help(), _values_refused_in_one_line(prog):
         return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
                         config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands,
                                 # a comment above a group of fields is a section label, not a field's help

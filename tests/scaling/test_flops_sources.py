@@ -71,11 +71,9 @@ def test_a_bad_context_or_token_count_is_refused_not_counted(capsys, flag, value
     "nan FLOPs"; both exited 0."""
     from lmforge.cli import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["scaling", "flops", "--model", "llama-small", flag, value])
-    assert e.value.code == 2
+    assert main(["scaling", "flops", "--model", "llama-small", flag, value]) == 2
     captured = capsys.readouterr()
-    assert message in " ".join(captured.err.split()) and "FLOPs" not in captured.out
+    assert message in captured.err.splitlines()[0] and "FLOPs" not in captured.out  # (one line; it was tyro's box)
 
 
 def test_6nd_refuses_a_count_that_is_not_a_positive_number():

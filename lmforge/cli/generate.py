@@ -95,7 +95,12 @@ def jsonl_prompt(line: str, where: str):
     if "prompt" not in row:
         raise DataError(f"{where}: no 'prompt' field (its fields: {', '.join(map(repr, row)) or 'none'}); each "
                         'line of a .jsonl prompts file is one object such as {"prompt": "..."}')
-    return row["prompt"]
+    prompt = row["prompt"]
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        raise DataError(f"{where}: 'prompt' is a list of chat messages (TRL's conversational form); lmforge generate "
+                        "takes text or token ids: apply the chat template first (LLM.chat in Python, lmforge chat), "
+                        "or write the formatted text")
+    return prompt
 
 
 def check_output(path: str | None) -> None:

@@ -469,14 +469,16 @@ def test_generate_jsonl_prompts_file_bad_lines(ckpt, tmp_path):
     cases = [('{"text": "a", "id": 3}', "p.jsonl:2: no 'prompt' field (its fields: 'text', 'id')"),
              ("{}", "p.jsonl:2: no 'prompt' field (its fields: none)"),
              ('["a"]', "p.jsonl:2: a JSON list, not an object"),
-             ('{"prompt": "a"', "p.jsonl:2: not valid JSON (Expecting ',' delimiter at column 15)")]
+             ('{"prompt": "a"', "p.jsonl:2: not valid JSON (Expecting ',' delimiter at column 15)"),
+             ('{"prompt": [{"role": "user", "content": "hi"}]}', "p.jsonl:2: 'prompt' is a list of chat messages")]
     pf = tmp_path / "p.jsonl"
     for line, message in cases:
         pf.write_text('{"prompt": "ok"}\n' + line + "\n")
         with pytest.raises(LmforgeError) as e:
             gen_cli.main(["--checkpoint", str(ckpt), "--prompts-file", str(pf)])
         assert str(e.value).startswith(f"{tmp_path / message}"), str(e.value)
-        assert str(e.value).endswith('each line of a .jsonl prompts file is one object such as {"prompt": "..."}')
+        assert str(e.value).endswith('each line of a .jsonl prompts file is one object such as {"prompt": "..."}'
+                                     if "chat" not in message else "or write the formatted text")
 
 
 def test_sample_prints_prompt_logprobs(ckpt, tok, capsys):

@@ -376,7 +376,8 @@ def encode_prompt(tokenizer, prompt, params: SamplingParams, index: int, vocab_s
     elif len(ids) > longest:
         score = " (a score-only prompt, max_tokens=0, may hold max_seq_len + 1)" if params.max_tokens == 0 else ""
         raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
-                           f"{max_seq_len}{score}; shorten it or set truncate_prompt=True")
+                           f"{max_seq_len}{score}; shorten it or set truncate_prompt=True (on the command line: "
+                           "--truncate-prompt True)")
     return ids if plain else [int(t) for t in ids]
 
 

@@ -345,7 +345,8 @@ def test_generate_output_is_replaced_only_when_every_prompt_is_done(ckpt, tmp_pa
     earlier results. Now it is written beside and renamed at the end; a refusal says nothing else first."""
     out = tmp_path / "o.jsonl"
     out.write_text('{"prompt": "old"}\n')
-    with pytest.raises(LmforgeError, match="prompt 1 has 200 tokens but the context window is 128"):
+    with pytest.raises(LmforgeError, match=r"prompt 1 has 200 tokens but the context window is 128; shorten it or set "
+                                           r"truncate_prompt=True \(on the command line: --truncate-prompt True\)$"):
         gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "a", "x" * 200, "--max-tokens", "2",
                       "--output", str(out)])
     assert capsys.readouterr().err == ""  # no "stops after at most 0 new tokens" warning before the refusal

@@ -244,6 +244,8 @@ def _json_array_fix(path: Path) -> str:
 
     code = 'import json, sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1], encoding="utf-8-sig"))]'
     out = path.with_suffix(".jsonl")
+    if out == path:  # (a .jsonl that holds an array: `> same-file` would empty it before Python read it)
+        out = path.with_name(f"{path.stem}.lines.jsonl")
     return (f"the file looks like one JSON array, and data files are JSON Lines (one record per line): convert it "
             f"with python -c {shlex.quote(code)} {shlex.quote(str(path))} > {shlex.quote(str(out))}")
 

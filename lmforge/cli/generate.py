@@ -80,7 +80,6 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
     return prompts
 
 
-
 def jsonl_prompt(line: str, where: str):
     """The 'prompt' field of one JSONL line (text or token ids; the engine checks which); a line that is no JSON,
     not an object or without the field is a one-line error naming the line and what it holds instead."""

@@ -133,7 +133,11 @@ def recorded_token_files(workdir: str | Path) -> list[Path]:
         return []
     out = []
     for rec in sorted(folder.glob("*.bin.json")):
-        entry = json.loads(rec.read_text())
+        try:
+            entry = json.loads(rec.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (written atomically: a disk fault, an edit)
+            raise ConfigError(f"token shard record {rec} is corrupt ({e}); remove it by hand, with the token shard "
+                              f"{rec.name[:-len('.json')]} it is named after if the run wrote one") from None
         name = entry.get("file") if isinstance(entry, dict) else None
         if f"{name}.json" != rec.name:  # (the glob: a bare name ending .bin)
             raise ConfigError(f"token shard record {rec} names {name!r}, not the token shard it is named after; "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import operator
 import os
+import re
 from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -46,17 +47,25 @@ def text_codec(path: str | Path) -> tuple[bytes, str]:
 # What a file opens with when it holds compressed, columnar or token data rather than text. Read as text, its bytes
 # became Windows-1252 characters that were trained on and encoded, with only a note counting them (found 2026-12-07:
 # a data pipeline's kept documents, data/*.jsonl.gz, given to `lmforge tokenizer train`).
-NOT_TEXT = ((b"\x1f\x8b", "gzip-compressed"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"), (b"BZh", "bzip2-compressed"),
-            (b"\xfd7zXZ\x00", "xz-compressed"), (b"PK\x03\x04", "a zip archive"), (b"PAR1", "Parquet"),
-            (b"LMFTOKS1", "an lmforge token shard"))
+NOT_TEXT = ((re.compile(rb"\x1f\x8b"), "gzip-compressed"), (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd-compressed"),
+            # (bzip2: "BZh", the block size, then a block's or the end's magic: a text may open with "BZh")
+            (re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)"), "bzip2-compressed"),
+            (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed"), (re.compile(rb"PK\x03\x04"), "a zip archive"),
+            (re.compile(rb"LMFTOKS1"), "an lmforge token shard"))
 
 
 def check_text_file(path: str | Path) -> None:
-    """Refuse, in one line, a file whose first bytes say it is compressed, Parquet or token data (`NOT_TEXT`): the
-    tokenizer reads text files as they are and cannot look inside one."""
+    """Refuse, in one line, a file whose first bytes say it is compressed or token data (`NOT_TEXT`), or Parquet (its
+    magic at both ends; a text may open with "PAR1" or "BZh"): the tokenizer reads text files as they are and cannot
+    look inside one."""
     with open(path, "rb") as f:
-        head = f.read(8)
-    kind = next((kind for magic, kind in NOT_TEXT if head.startswith(magic)), None)
+        head = f.read(10)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(size - 4, 0))
+        tail = f.read(4)
+    kind = next((kind for magic, kind in NOT_TEXT if magic.match(head)), None)
+    if kind is None and head.startswith(b"PAR1") and size >= 8 and tail == b"PAR1":  # (Parquet: the magic at both ends)
+        kind = "Parquet"
     if kind is not None:
         raise DataError(f"tokenizer input {str(path)!r} is {kind}, not text: the tokenizer reads plain text files; "
                         "leave it out, or, for a data pipeline's JSONL or Parquet, train on its documents from Python "

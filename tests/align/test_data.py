@@ -420,14 +420,18 @@ def test_a_json_array_file_is_told_apart_with_the_command_that_converts_it(tmp_p
     records = [{"messages": _chat("a", "b")}, {"messages": _chat("c", "d")}]
     (tmp_path / "pretty.json").write_text(json.dumps(records, indent=1))
     (tmp_path / "flat.json").write_text(json.dumps(records))
-    for name, problem in (("pretty", "not JSON: Expecting value"), ("flat", "a list, not an object")):
-        with pytest.raises(DataError, match=rf"^{name}.json:1: the record is {problem}.*; the file looks like one JSON "
+    (tmp_path / "array.jsonl").write_text(json.dumps(records))  # (named .jsonl: the command must not write over it)
+    for name, problem, out in (("pretty.json", "not JSON: Expecting value", "pretty.jsonl"),
+                               ("flat.json", "a list, not an object", "flat.jsonl"),
+                               ("array.jsonl", "a list, not an object", "array.lines.jsonl")):
+        with pytest.raises(DataError, match=rf"^{name}:1: the record is {problem}.*; the file looks like one JSON "
                                             r"array, and data files are JSON Lines \(one record per line\): convert it "
                                             r"with python -c ") as e:
-            D.load_records((str(tmp_path / f"{name}.json"),), enc, "sft", 64, "raise")
+            D.load_records((str(tmp_path / name),), enc, "sft", 64, "raise")
         command = str(e.value).split("convert it with ")[1].replace("python", shlex.quote(sys.executable), 1)
+        assert command.endswith(f"> {tmp_path / out}")
         subprocess.run(command, shell=True, check=True, cwd=tmp_path)
-        items, rep = D.load_records((str(tmp_path / f"{name}.jsonl"),), enc, "sft", 64, "raise")
+        items, rep = D.load_records((str(tmp_path / out),), enc, "sft", 64, "raise")
         assert rep.used == 2 and len(items) == 2
     with pytest.raises(DataError, match=r"^d.jsonl:2: the record is not JSON.*; fix the line or set data.on_error"):
         D.load_records((str(_write(tmp_path / "d.jsonl", [records[0], "[oops"])),), enc, "sft", 64, "raise")

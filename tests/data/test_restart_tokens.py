@@ -170,3 +170,19 @@ def test_a_moved_run_stays_the_owner_of_the_token_directory_inside_it(tmp_path):
     shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
     p.write_text(p.read_text().replace(f'dir = "{tmp_path / "run"}"', f'dir = "{tmp_path / "moved"}"'))
     assert run_local(load_pipeline(p))["shards"] == {"total": 2, "processed": 0, "skipped": 2}
+
+
+def test_a_damaged_token_shard_record_is_one_line_naming_what_to_remove(tmp_path):
+    """A token shard record (output.dir/_token_files/NAME.bin.json) that is no JSON was a JSONDecodeError traceback
+    on --restart (which removes the shards the records list) and at the run's summary line."""
+    import pytest
+
+    from lmforge.data.tokenize import RECORDS, recorded_token_files
+    from lmforge.errors import ConfigError
+
+    (tmp_path / RECORDS).mkdir()
+    (tmp_path / RECORDS / "shard-00000.bin.json").write_text('{"file": "shard-00000.b')
+    with pytest.raises(ConfigError, match=r"^token shard record .*shard-00000.bin.json is corrupt \(.*\); remove it by "
+                                          r"hand, with the token shard shard-00000.bin it is named after if the run "
+                                          r"wrote one$"):
+        recorded_token_files(tmp_path)

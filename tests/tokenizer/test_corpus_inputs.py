@@ -54,3 +54,24 @@ def test_compressed_parquet_and_token_files_are_refused_not_read_as_text(tmp_pat
             corpus_stats(ByteTokenizer(), [str(path)], progress=False)
     assert not (tmp_path / "out" / "train.bin").exists()
     assert expand_inputs([str(text)]) == [text]
+
+
+def test_a_text_opening_with_a_magic_word_is_text_and_real_bzip2_and_parquet_files_are_refused(tmp_path):
+    """Text that opens with "BZh" or "PAR1" was refused as bzip2 / Parquet (the check read only those letters); the
+    formats' fuller marks decide now: bzip2's block magic after "BZh" and a digit, Parquet's magic at both ends."""
+    import bz2
+
+    import pytest
+
+    from lmforge.errors import DataError
+    from lmforge.tokenizer.train import check_text_file
+
+    for name, text in (("bzh.txt", "BZh is a word here\nBZh9 too\n"), ("par.txt", "PAR1 and PAR2\n")):
+        (tmp_path / name).write_text(text)
+        check_text_file(tmp_path / name)  # (no error)
+    (tmp_path / "a.bz2").write_bytes(bz2.compress(b"the cat sat\n" * 20))
+    (tmp_path / "empty.bz2").write_bytes(bz2.compress(b""))
+    (tmp_path / "t.parquet").write_bytes(b"PAR1" + bytes(range(40)) + b"PAR1")
+    for name, kind in (("a.bz2", "bzip2-compressed"), ("empty.bz2", "bzip2-compressed"), ("t.parquet", "Parquet")):
+        with pytest.raises(DataError, match=f"is {kind}, not text"):
+            check_text_file(tmp_path / name)

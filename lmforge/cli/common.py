@@ -307,7 +307,9 @@ def run_group(group: str, argv: list[str], commands: dict[str, tuple[Callable[[l
 def load_llm(cfg, **kwargs):
     """`LLM.load` for a command's config (fields checkpoint, base, tokenizer, device, optionally kv_policy and
     max_model_len): a run, checkpoint or HF-format model directory; the device and the policy are checked first so
-    a bad one is a one-line error. kwargs: LLM's other options (max_batch_size, ...)."""
+    a bad one is a one-line error; the engine lists as many top log-probs as the command's sampling asks for, past
+    EngineConfig.max_logprobs' default (a server's cap). kwargs: LLM's other options (max_batch_size, ...)."""
+    from lmforge.infer.config import EngineConfig
     from lmforge.infer.llm import LLM
     from lmforge.utils import pick_device
 
@@ -318,4 +320,8 @@ def load_llm(cfg, **kwargs):
         kwargs["kv_policy"] = policy_from_spec(cfg.kv_policy)
     if getattr(cfg, "max_model_len", None) is not None:
         kwargs["max_model_len"] = cfg.max_model_len
+    sampling = getattr(cfg, "sampling", None)  # (the command's one user is the only requester: what it asks, it gets)
+    asked = max((getattr(sampling, k, None) or 0 for k in ("logprobs", "prompt_logprobs")), default=0)
+    if asked > EngineConfig.max_logprobs:
+        kwargs["max_logprobs"] = asked
     return LLM.load(cfg.checkpoint, device=device, tokenizer=cfg.tokenizer, base=cfg.base, **kwargs)

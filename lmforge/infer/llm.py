@@ -67,23 +67,28 @@ class LLM(Scoring):
     max_batch_size: sequences decoded together at most (EngineConfig.max_num_seqs; default 64).
     kv_policy: a KV-cache policy (EngineConfig.kv_policy, lmforge.infer.kv.policy; default none).
     max_model_len: the longest sequence served (EngineConfig.max_model_len; default the model's max_seq_len).
-    config: the whole EngineConfig instead of the four options above."""
+    max_logprobs: the most top log-probs a request may ask for (EngineConfig.max_logprobs; None: no limit).
+    config: the whole EngineConfig instead of the five options above."""
 
     def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4, acceptance=None,
                  cuda_graphs: bool | None = None, max_batch_size: int | None = None, kv_policy=None,
-                 max_model_len: int | None = None, config: EngineConfig | None = None):
+                 max_model_len: int | None = None, max_logprobs: int | None = EngineConfig.max_logprobs,
+                 config: EngineConfig | None = None):
         self.model = model  # left in its mode (a Trainer may share it); the engine's steps run it in eval mode
         self.tokenizer = tokenizer
         self.draft = draft  # (a draft model too is left in its mode: its forwards run in eval mode)
         self.num_draft_tokens = num_draft_tokens
-        if config is not None and any(v is not None for v in (cuda_graphs, max_batch_size, kv_policy, max_model_len)):
+        if config is not None and (any(v is not None for v in (cuda_graphs, max_batch_size, kv_policy, max_model_len))
+                                   or max_logprobs != EngineConfig.max_logprobs):
             raise ConfigError("with config=, set cuda_graphs and max_batch_size in it (EngineConfig.cuda_graphs, "
-                              "EngineConfig.max_num_seqs), kv_policy and max_model_len too (EngineConfig.kv_policy, "
-                              "EngineConfig.max_model_len), not beside it")
+                              "EngineConfig.max_num_seqs), kv_policy, max_model_len and max_logprobs too "
+                              "(EngineConfig.kv_policy, EngineConfig.max_model_len, EngineConfig.max_logprobs), not "
+                              "beside it")
         if max_batch_size is not None and max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1 (sequences decoded together), got {max_batch_size}")
         self.config = config or EngineConfig(max_num_seqs=64 if max_batch_size is None else max_batch_size,
-                                             cuda_graphs=cuda_graphs, kv_policy=kv_policy, max_model_len=max_model_len)
+                                             cuda_graphs=cuda_graphs, kv_policy=kv_policy, max_model_len=max_model_len,
+                                             max_logprobs=max_logprobs)
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens,
                              acceptance=acceptance)
         self.device = self.engine.device

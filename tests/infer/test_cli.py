@@ -500,3 +500,13 @@ def test_sample_prints_prompt_logprobs(ckpt, tok, capsys):
         values = ref[i - 1].topk(2).values.tolist()
         assert [float(v) for v in re.findall(r" (-?\d+\.\d{3})(?=, |$)", top)] == pytest.approx(values, abs=2e-3)
     assert printed[len(ids)].startswith("--- sample 1/1 (0 tokens, length) ---")
+
+
+def test_a_command_gives_the_top_logprobs_it_asks_for_past_the_engines_default_cap(ckpt, tmp_path):
+    """`lmforge generate --logprobs 25` was refused with "raise max_logprobs", which no flag could: a command's one
+    user is its only requester, so the engine it builds lists what the command asks (LLM(max_logprobs=...))."""
+    out = tmp_path / "o.jsonl"
+    gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "hello", "--max-tokens", "2", "--logprobs", "25",
+                  "--temperature", "0", "--output", str(out)])
+    row = json.loads(out.read_text().splitlines()[0])
+    assert len(row["top_logprobs"]) == 2 and all(len(t) >= 25 for t in row["top_logprobs"])

@@ -106,8 +106,7 @@ class _MapPhase:
         # a batch is no input shard, so its token shard gets a random name: the tokenize stage records each in
         # output.dir before writing it, and --restart removes those (`remove_token_files`)
         ctx = StageContext(shard=f"ray-{uuid.uuid4().hex[:12]}", workdir=Path(self.cfg.output.dir))
-        seen = self._files_seen()
-        check_stage_files(self.cfg, seen, ctx.workdir, done=None)
+        seen = self._files_seen()  # (checked after the stages: the previous batch's check covers the time before)
         dropped, records = [], []
         for (spec, scfg), label in zip(self.stages, self.labels):
             live, gone, rec = apply_stage(spec, scfg, live, ctx)

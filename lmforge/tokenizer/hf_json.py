@@ -363,9 +363,11 @@ def hf_added_ids(contents: list[str], vocab: dict[str, int]) -> dict[str, int]:
     the earlier one's where the content came before, else the next id past both the vocabulary's size (its entry
     count) and every id given so far."""
     ids: dict[str, int] = {}
+    nxt = len(vocab)  # (past the vocabulary and every id given so far: kept as it goes, not a max per token)
     for c in contents:
         if c not in ids:
-            ids[c] = vocab[c] if c in vocab else max(len(vocab), max(ids.values(), default=-1) + 1)
+            ids[c] = vocab[c] if c in vocab else nxt
+            nxt = max(nxt, ids[c] + 1)
     return ids
 
 

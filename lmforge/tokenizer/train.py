@@ -25,6 +25,7 @@ from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from lmforge.data.shards import MAGIC as SHARD_MAGIC
 from lmforge.errors import ConfigError, DataError
 from lmforge.utils import INLINE_BYTES, process_pool
 from lmforge.tokenizer.pretokenize import (check_specials, findall, resolve_pattern, safe_byte_cut, safe_pieces,
@@ -51,7 +52,7 @@ NOT_TEXT = ((re.compile(rb"\x1f\x8b"), "gzip-compressed"), (re.compile(rb"\x28\x
             # (bzip2: "BZh", the block size, then a block's or the end's magic: a text may open with "BZh")
             (re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)"), "bzip2-compressed"),
             (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed"), (re.compile(rb"PK\x03\x04"), "a zip archive"),
-            (re.compile(rb"LMFTOKS1"), "an lmforge token shard"))
+            (re.compile(re.escape(SHARD_MAGIC)), "an lmforge token shard"))
 
 
 def check_text_file(path: str | Path) -> None:

@@ -78,3 +78,23 @@ def test_a_spec_gives_a_registered_policy_floats_and_refuses_a_key_given_twice()
     finally:
         P.POLICIES.pop("keep_fraction", None)
     assert P.policy_from_spec("streaming:window=256,positions=cache").window == 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tagged(P.KVPolicy):
+    tag: str = "x"
+    on: bool = False
+
+    def plan(self, seq, state):
+        return None
+
+
+def test_a_spec_reads_each_value_for_its_fields_type():
+    """Values were typed by how they looked: a str field given 'tag=2024' or 'tag=true' was refused ('expected a
+    string'); now a text field takes the text as written, the others read numbers and booleans."""
+    try:
+        P.register_policy("tagged", Tagged)
+        assert P.policy_from_spec("tagged:tag=2024,on=true") == Tagged(tag="2024", on=True)
+        assert P.policy_from_spec("tagged:tag=true").tag == "true"
+    finally:
+        P.POLICIES.pop("tagged", None)

@@ -4,8 +4,10 @@ NAME:key=value,...), the shipped policies under their names, and `register_polic
 from __future__ import annotations
 
 import re
+import typing
+from typing import Any
 
-from lmforge.config import claim
+from lmforge.config import _hints, claim
 from lmforge.errors import ConfigError
 from lmforge.infer.kv.policy.base import KVPolicy
 from lmforge.infer.kv.policy.scored import H2O, SnapKV
@@ -39,9 +41,15 @@ def register_policy(name: str, cls: type, example: str | None = None) -> type:
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
 
-def _spec_value(text: str) -> int | float | bool | str:
-    """A spec value as the command line writes it: '256' an int, '0.25' or '1e-3' a float (a registered policy's
-    float field; it stayed the string '0.25'), 'true'/'false' a bool, anything else its text."""
+def _spec_value(text: str, hint: Any) -> int | float | bool | str:
+    """A spec value as the command line writes it, read for its field's declared type (`hint`): a field that takes
+    text (str, a Literal of strings) gets the text as written ('tag=2024' stays '2024'); otherwise '256' an int,
+    '0.25' or '1e-3' a float (it stayed the string '0.25'), 'true'/'false' a bool, anything else its text (which
+    the dataclass's coercion then names)."""
+    args = typing.get_args(hint)
+    if hint is str or str in args or (typing.get_origin(hint) is typing.Literal and all(isinstance(a, str)
+                                                                                       for a in args)):
+        return text
     if text.lstrip("+-").isdigit():
         return int(text)
     if _NUMBER.fullmatch(text):
@@ -70,7 +78,7 @@ def policy_from_spec(spec: str) -> KVPolicy:
                               f"{', '.join(sorted(known))}")
         if key in fields:
             raise ConfigError(f"KV policy {name}: {key} is given twice in {spec!r}; give it once")
-        fields[key] = _spec_value(value.strip())
+        fields[key] = _spec_value(value.strip(), _hints(kind).get(key))
     try:
         return kind(**fields)
     except TypeError as e:  # a required field left out

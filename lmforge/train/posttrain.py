@@ -171,13 +171,21 @@ def check_run_objective(cfg: PostTrainConfig) -> None:
                           f"or start from that run with init = '{cfg.run_dir}'")
 
 
-def check_unused_models(cfg: PostTrainConfig, params) -> None:
-    """Refuse a reference or teacher the objective never loads (`params`: its class's constructor parameters; a
-    SimPO DPOObjective takes no reference): `lmforge sft --teacher X` or `lmforge orpo --reference X` trained as if
-    it were not set, a path that did not exist included (found 2026-12-07)."""
+def frozen_roles(cfg: PostTrainConfig, params) -> set[str]:
+    """The frozen models ('reference', 'teacher') the objective loads: those its class's constructor takes
+    (`params`), but a SimPO DPOObjective's reference (it has none). The one rule build_objective loads by and
+    check_unused_models refuses by."""
     simpo = getattr(getattr(cfg, cfg.objective, None), "loss_type", "") == "simpo"
+    return {role for role in ("reference", "teacher") if role in params and not (role == "reference" and simpo)}
+
+
+def check_unused_models(cfg: PostTrainConfig, params) -> None:
+    """Refuse a reference or teacher the objective never loads (frozen_roles): `lmforge sft --teacher X` or
+    `lmforge orpo --reference X` trained as if it were not set, a path that did not exist included (found
+    2026-12-07)."""
+    loads = frozen_roles(cfg, params)
     for role, path in (("reference", cfg.reference), ("teacher", cfg.teacher)):
-        if path and (role not in params or (role == "reference" and simpo)):
+        if path and role not in loads:
             user = f"{cfg.objective} with loss_type='simpo'" if role in params else cfg.objective
             raise ConfigError(f"{user} uses no {role} model, so {role} = {path!r} would be ignored; remove it")
 
@@ -202,8 +210,9 @@ def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: t
     options = getattr(cfg, cfg.objective, None)
     params = inspect.signature(cls).parameters
     kwargs: dict[str, Any] = {}
+    loads = frozen_roles(cfg, params)
     for role, path in (("reference", cfg.reference or init_path), ("teacher", cfg.teacher)):
-        if role in params and not (role == "reference" and getattr(options, "loss_type", "") == "simpo"):
+        if role in loads:
             base = role == "reference" and not cfg.reference and cfg.lora is not None and policy is not None
             # loaded straight onto its own device (teacher_device / reference_device): a teacher built on the
             # run's GPU first would not fit exactly when the option is needed

@@ -147,6 +147,18 @@ def read_utf8(path: str | Path, what: str, *, want: str = "a text file",
                     "UTF-8") from None
 
 
+def read_record(path: str | Path, advice: str, what: str | None = None) -> Any:
+    """A JSON record lmforge wrote for itself (a pipeline run's pipeline.json and markers, a token shard's record).
+    One that is damaged (written atomically, so not by a kill: a disk fault, an edit) is a one-line ConfigError
+    naming it (`what`, default "PATH, one of the run's own records,") and `advice` (what redoes or removes it), not a
+    JSONDecodeError traceback."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        what = what or f"{path}, one of the run's own records,"
+        raise ConfigError(f"{what} is corrupt ({e}); {advice}") from None
+
+
 def file_stamps(paths: Iterable[str | Path]) -> tuple[tuple[str, int, int], ...]:
     """(resolved path, size, mtime_ns) of each of `paths` that exists (a folder too: its mtime changes when a file in
     it is added, removed or replaced by a rename): the key of a cache of what the files hold, so a file changed in

@@ -40,7 +40,7 @@ from lmforge.data.stage import StageContext
 from lmforge.data.tokenize import OWNER, RECORDS, claim_token_dir, recorded_token_files
 from lmforge.data.writers import write_docs, write_jsonl
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.utils import check_output_path, process_pool, remove_stale_temps, write_json_atomic
+from lmforge.utils import check_output_path, process_pool, read_record, remove_stale_temps, write_json_atomic
 
 
 class RunLayout:
@@ -70,13 +70,9 @@ class RunLayout:
 
 
 def read_run_json(path: Path) -> Any:
-    """A JSON file the run wrote for itself (pipeline.json, a shard's done marker). One that is damaged (they are
-    written atomically, so not by a kill: a disk fault, an edit) was a JSONDecodeError traceback on every rerun."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}, one of the run's own records, is corrupt ({e}); rerun with --restart to redo "
-                          "the run, or choose a new output.dir") from None
+    """A JSON file the run wrote for itself (pipeline.json, a shard's done marker): utils.read_record, whose advice
+    for a damaged one is --restart."""
+    return read_record(path, "rerun with --restart to redo the run, or choose a new output.dir")
 
 
 def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path]
@@ -318,6 +314,12 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
         old = _saved_identity(read_run_json(saved), cfg)
         old_inputs = old.pop("inputs", None)
         old_files = old.pop("stage_files", None)  # (none from lmforge before 2026-12-07)
+        if old_files is not None and not (isinstance(old_files, dict) and all(
+                isinstance(v, list) and all(isinstance(f, list) and len(f) == 3 for f in v)
+                for v in old_files.values())):
+            raise ConfigError(f"{saved}, one of the run's own records, is corrupt (its stage_files is no "
+                              "{stage: [[path, size, mtime], ...]}); rerun with --restart to redo the run, or choose "
+                              "a new output.dir")
         if old != mine:
             raise ConfigError(f"{root} holds a run of a different pipeline; choose a new output.dir, or rerun "
                               f"with --restart to replace it")

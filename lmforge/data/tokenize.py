@@ -17,7 +17,7 @@ from lmforge.data.shards import TokenShardWriter
 from lmforge.data.stage import StageContext, reject_error
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.byte import FILE_NAME
-from lmforge.utils import once_per_file, temp_name, write_json_atomic
+from lmforge.utils import once_per_file, read_record, temp_name, write_json_atomic
 
 # the folder of the stage's workdir (output.dir) where each token shard is recorded before it is written: the token
 # directory may lie outside output.dir beside other corpora's shards, so --restart removes exactly the files named
@@ -133,11 +133,8 @@ def recorded_token_files(workdir: str | Path) -> list[Path]:
         return []
     out = []
     for rec in sorted(folder.glob("*.bin.json")):
-        try:
-            entry = json.loads(rec.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (written atomically: a disk fault, an edit)
-            raise ConfigError(f"token shard record {rec} is corrupt ({e}); remove it by hand, with the token shard "
-                              f"{rec.name[:-len('.json')]} it is named after if the run wrote one") from None
+        entry = read_record(rec, f"remove it by hand, with the token shard {rec.name[:-len('.json')]} it is named "
+                                 "after if the run wrote one", what=f"token shard record {rec}")
         name = entry.get("file") if isinstance(entry, dict) else None
         if f"{name}.json" != rec.name:  # (the glob: a bare name ending .bin)
             raise ConfigError(f"token shard record {rec} names {name!r}, not the token shard it is named after; "

@@ -270,3 +270,28 @@ def test_a_damaged_record_of_the_run_is_one_line_and_restart_redoes_it(tmp_path)
                                               "with --restart to redo the run, or choose a new output.dir$"):
             run_local(load_pipeline(p))
         assert run_local(load_pipeline(p), restart=True)["balance"]["kept_docs"] == 1
+
+
+def test_a_pipeline_record_with_a_damaged_stage_files_entry_is_one_line(tmp_path):
+    """pipeline.json whose stage_files is not {stage: [[path, size, mtime], ...]} (an edit) was an AttributeError or
+    ValueError traceback in the resume check; now the corrupt-record line, and --restart redoes the run."""
+    import json
+
+    import pytest
+
+    from lmforge.data.executor import run_local
+    from lmforge.data.pipeline import load_pipeline
+    from lmforge.errors import ConfigError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("one document\n")
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{tmp_path / "o"}"\n'
+                 '[[stages]]\nstage = "exact_dedup"\n')
+    run_local(load_pipeline(p))
+    saved = tmp_path / "o" / "pipeline.json"
+    for bad in (["x"], {"tokenize": [["a", 1]]}):
+        saved.write_text(json.dumps({**json.loads(saved.read_text()), "stage_files": bad}))
+        with pytest.raises(ConfigError, match=f"^{saved}, one of the run's own records, is corrupt \\(its stage_files"):
+            run_local(load_pipeline(p))
+    assert run_local(load_pipeline(p), restart=True)["balance"]["kept_docs"] == 1

@@ -249,6 +249,20 @@ def test_a_corpus_wide_phase_shows_its_progress(tmp_path, capsys):
     assert "phase 1/1 [exact_dedup] write: 100%" in err and "3/3" in err
 
 
+def _one_document_run(tmp_path):
+    """A finished run of one document through exact_dedup in tmp_path / 'o'; its pipeline file."""
+    from lmforge.data.executor import run_local
+    from lmforge.data.pipeline import load_pipeline
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("one document\n")
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{tmp_path / "o"}"\n'
+                 '[[stages]]\nstage = "exact_dedup"\n')
+    run_local(load_pipeline(p))
+    return p
+
+
 def test_a_damaged_record_of_the_run_is_one_line_and_restart_redoes_it(tmp_path):
     """A shard's done marker or pipeline.json that no longer parses (a disk fault, an edit: they are written
     atomically) was a JSONDecodeError traceback on every rerun."""
@@ -258,12 +272,7 @@ def test_a_damaged_record_of_the_run_is_one_line_and_restart_redoes_it(tmp_path)
     from lmforge.data.pipeline import load_pipeline
     from lmforge.errors import ConfigError
 
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.txt").write_text("one document\n")
-    p = tmp_path / "p.toml"
-    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{tmp_path / "o"}"\n'
-                 '[[stages]]\nstage = "exact_dedup"\n')
-    run_local(load_pipeline(p))
+    p = _one_document_run(tmp_path)
     for damaged in (tmp_path / "o" / "_work" / "p0" / "shard-00000.done.json", tmp_path / "o" / "pipeline.json"):
         damaged.write_text('{"shard": "shard-0')
         with pytest.raises(ConfigError, match=f"^{damaged}, one of the run's own records, is corrupt \\(.*\\); rerun "
@@ -283,12 +292,7 @@ def test_a_pipeline_record_with_a_damaged_stage_files_entry_is_one_line(tmp_path
     from lmforge.data.pipeline import load_pipeline
     from lmforge.errors import ConfigError
 
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "a.txt").write_text("one document\n")
-    p = tmp_path / "p.toml"
-    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{tmp_path / "o"}"\n'
-                 '[[stages]]\nstage = "exact_dedup"\n')
-    run_local(load_pipeline(p))
+    p = _one_document_run(tmp_path)
     saved = tmp_path / "o" / "pipeline.json"
     for bad in (["x"], {"tokenize": [["a", 1]]}):
         saved.write_text(json.dumps({**json.loads(saved.read_text()), "stage_files": bad}))

@@ -47,7 +47,8 @@ a test replacing a function replaces it in the module that calls it (lmforge.che
 """
 
 # (_seal, _verify, _state_for_save: private names the trainer and tests use, re-exported as they were)
-from lmforge.checkpoint.identity import BASE_HINT, HASH_CACHE_ENV, base_record, checkpoint_identity, rebase
+from lmforge.checkpoint.identity import (BASE_HINT, HASH_CACHE_ENV, base_record, checkpoint_identity, rebase,
+                                        recorded_base)
 from lmforge.checkpoint.load import CAST_RULE, castable, check_same_model, load_model, load_recorded_base
 from lmforge.checkpoint.load import load_train_state, load_weights, model_config_of, recorded_dtype
 from lmforge.checkpoint.save import LEAVES_OUT, _state_for_save, bos_record, check_train_state, frozen_names
@@ -59,6 +60,6 @@ from lmforge.checkpoint.templates import hf_chat_template, recorded_chat_templat
 __all__ = ["BASE_HINT", "CAST_RULE", "EARLIER", "HASH_CACHE_ENV", "LEAVES_OUT", "base_record", "bos_record", "castable",
            "check_same_model", "check_train_state", "checkpoint_dirs", "checkpoint_identity", "clean_partial",
            "frozen_names", "hf_chat_template", "is_hf_dir", "load_model", "load_recorded_base", "load_train_state",
-           "load_weights", "model_config_of", "model_meta", "rebase", "recorded_chat_template", "recorded_dtype",
-           "resolve_checkpoint", "save_checkpoint", "sha256_file", "template_dir",
+           "load_weights", "model_config_of", "model_meta", "rebase", "recorded_base", "recorded_chat_template",
+           "recorded_dtype", "resolve_checkpoint", "save_checkpoint", "sha256_file", "template_dir",
            "_seal", "_state_for_save", "_verify"]

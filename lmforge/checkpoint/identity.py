@@ -25,7 +25,7 @@ def checkpoint_identity(path: str | Path) -> dict[str, str]:
     if (ckpt / "manifest.json").is_file():
         sums = json.loads((ckpt / "manifest.json").read_text()).get("sha256", {})
     weights = sorted(ckpt.glob("*.safetensors"))
-    base = _recorded_base(ckpt) or _peft_base(ckpt)  # an adapter-only checkpoint is its tensors over its base's
+    base = recorded_base(ckpt) or _peft_base(ckpt)  # an adapter-only checkpoint is its tensors over its base's
     digest = hashlib.sha256("".join([*(sums.get(w.name) or _remembered_sha256(w) for w in weights),
                                      base.get("sha256", "")]).encode()).hexdigest()
     return {"path": str(ckpt.resolve()), "sha256": digest}
@@ -59,7 +59,7 @@ def _remembered_sha256(path: Path) -> str:
     return digest
 
 
-def _recorded_base(ckpt: Path) -> dict | None:
+def recorded_base(ckpt: Path) -> dict | None:
     """The base an adapter-only lmforge checkpoint records in its config.json (None: it holds every weight)."""
     if not (ckpt / "manifest.json").is_file():
         return None
@@ -98,7 +98,7 @@ def rebase(path: str | Path, base: str | Path) -> Path:
     checksum must be the recorded one), so every reader (a run's init, reference or teacher too) finds it
     without base=. The checkpoint is rewritten beside itself and swapped in: whole before or after."""
     ckpt = resolve_checkpoint(path)
-    if not _recorded_base(ckpt):
+    if not recorded_base(ckpt):
         raise ConfigError(f"{ckpt} is not an adapter-only lmforge checkpoint (it records no base): there is "
                           "nothing to rebase")
     meta = _verify(ckpt)

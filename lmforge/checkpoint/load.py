@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint.identity import BASE_HINT, _recorded_base, checkpoint_identity
+from lmforge.checkpoint.identity import BASE_HINT, recorded_base, checkpoint_identity
 from lmforge.checkpoint.store import _verify, is_hf_dir, resolve_checkpoint
 from lmforge.config import from_dict, to_dict, with_defaults
 from lmforge.errors import CheckpointError, ConfigError
@@ -58,7 +58,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None =
     state = upgrade_expert_keys(model, state)  # (checkpoints from before MoE.experts: mlp.w_up -> mlp.experts.w_up)
     own = model.state_dict()
     need = set(own) if required is None else required
-    if required is not None and own_frozen and _recorded_base(ckpt) \
+    if required is not None and own_frozen and recorded_base(ckpt) \
             and "leaves_out" not in json.loads((ckpt / "config.json").read_text()):
         need = need - {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     shared = {n for n in need if n not in state and any(own[n].data_ptr() == own[m].data_ptr()
@@ -68,7 +68,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None =
     if missing or unexpected:
         hint = ("; it holds LoRA adapters: apply_lora(model, the LoRAConfig it was trained with) first, or "
                 "load_model(path), which puts them back" if any(".lora_" in n for n in unexpected) else "")
-        base = _recorded_base(ckpt) if required is None else None
+        base = recorded_base(ckpt) if required is None else None
         if base:
             hint = f"; it holds only what trained over the base {base['path']}: load_model(path)"
         raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:3]}, unexpected "
@@ -166,7 +166,7 @@ def load_recorded_base(path: str | Path, base: str | Path | None = None) -> torc
     """The base model an adapter-only checkpoint records (loaded, its identity checked; `base`: where it is now,
     as load_model's), or None for a checkpoint that holds all its weights."""
     ckpt = resolve_checkpoint(path)
-    record = _recorded_base(ckpt)
+    record = recorded_base(ckpt)
     return _base_model(record, ckpt, base).eval() if record else None
 
 

@@ -221,7 +221,9 @@ def over_float_base(model, ckpt: Path, base: str | None):
 
 
 def recorded_base_path(ckpt: Path, base: str | None) -> str:
-    return str(base) if base is not None else json.loads((ckpt / "config.json").read_text())["base"]["path"]
+    from lmforge.checkpoint import recorded_base
+
+    return str(base) if base is not None else (recorded_base(ckpt) or {})["path"]
 
 
 # ---- where and how ----------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ def bases(ckpt: Path, base: str | None) -> list[Path]:
     """The directories an adapter-only checkpoint or a PEFT adapter directory is loaded over: its base (`base`, else
     the recorded one), that base's own base where it is adapter-only too, and so on; those that exist."""
     from lmforge.adapt.peft_format import is_peft_dir, peft_base
-    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.checkpoint import recorded_base, resolve_checkpoint
     from lmforge.errors import LmforgeError
 
     found, path = [], ckpt
@@ -239,7 +241,7 @@ def bases(ckpt: Path, base: str | None) -> list[Path]:
             if is_peft_dir(path):
                 path = resolve_checkpoint(peft_base(path, base))
             else:
-                record = json.loads((path / "config.json").read_text()).get("base")
+                record = recorded_base(path)  # (a lmforge checkpoint's only: a HF config.json's "base" is none)
                 if not isinstance(record, dict) and base is None:
                     return found
                 path = resolve_checkpoint(base if base is not None else record["path"])

@@ -211,43 +211,57 @@ def check_data_file(path: str | Path) -> Path:
     return path
 
 
+def _strict_utf8(data: bytes) -> tuple[str, int]:
+    return data.decode("utf-8"), 0
+
+
 def read_jsonl(path: str | Path, report: DataReport, on_error: str):
-    """(file:line, record) for every line; undecodable lines raise or are counted."""
+    """(where, record) for every record of a JSON Lines file, or of a `.json` file holding one JSON array
+    (`lmforge.data.readers.json_records`, the data pipeline's reader too); where is file:line or file:element N.
+    Undecodable records raise or are counted."""
+    from lmforge.data.readers import ARCHIVE_ERRORS, json_records
+
     path = check_data_file(path)
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+    try:
+        for rec in json_records(path, _strict_utf8):
             report.records += 1
-            where = f"{path.name}:{i}"
-            try:
-                rec = json.loads(raw.decode("utf-8-sig" if i == 1 else "utf-8"))  # a byte-order mark may open a file
-                problem = None if isinstance(rec, dict) else f"a {type(rec).__name__}, not an object"
-            except UnicodeDecodeError as e:
-                problem = f"not UTF-8: {e.reason} at byte {e.start}"
-            except json.JSONDecodeError as e:
-                problem = f"not JSON: {e}"
+            where = f"{path.name}:{rec.key}"
+            problem = _record_problem(rec)
             if problem is None:
-                yield where, rec
+                yield where, rec.value
             elif on_error == "raise":
                 raise DataError(f"{where}: the record is {problem}; "
-                                + (_json_array_fix(path) if i == 1 and raw.lstrip(b"\xef\xbb\xbf \t").startswith(b"[")
-                                   else "fix the line or set data.on_error='skip'"))
+                                + (_json_array_hint() if rec.key == "1" and _opens_array(rec)
+                                   else "fix the file" if rec.key == "file" else
+                                   "fix the line or set data.on_error='skip'"))
             else:
                 report.reject("bad_json", where)
+    except ARCHIVE_ERRORS as e:
+        raise DataError(f"{path}: the compressed file is cut or damaged ({type(e).__name__}: {e}); "
+                        "decompress it again or give an intact copy") from e
 
 
-def _json_array_fix(path: Path) -> str:
-    """The fix for a file that opens a JSON array (Alpaca's alpaca_data.json, `datasets`' to_json(lines=False)): it
-    was read line by line as JSON Lines, its first line '[' 'not JSON' with no word of why (found 2026-12-07)."""
-    import shlex
+def _record_problem(rec) -> str | None:
+    if isinstance(rec.error, UnicodeDecodeError):
+        return f"not UTF-8: {rec.error.reason} at byte {rec.error.start}"
+    if rec.error is not None:
+        return f"not JSON: {rec.error}"
+    return None if isinstance(rec.value, dict) else f"a {type(rec.value).__name__}, not an object"
 
-    code = 'import json, sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1], encoding="utf-8-sig"))]'
-    out = path.with_suffix(".jsonl")
-    if out == path:  # (a .jsonl that holds an array: `> same-file` would empty it before Python read it)
-        out = path.with_name(f"{path.stem}.lines.jsonl")
-    return (f"the file looks like one JSON array, and data files are JSON Lines (one record per line): convert it "
-            f"with python -c {shlex.quote(code)} {shlex.quote(str(path))} > {shlex.quote(str(out))}")
+
+def _opens_array(rec) -> bool:
+    """Whether a record opens a JSON array: one on one line, or the '[' of a pretty-printed one."""
+    if isinstance(rec.error, json.JSONDecodeError):
+        return rec.error.doc.lstrip().startswith("[")
+    return isinstance(rec.value, list)
+
+
+def _json_array_hint() -> str:
+    """A file not named .json that holds one JSON array (found 2026-12-07: Alpaca's alpaca_data.json renamed
+    .jsonl). Only a .json file is read as one array: a JSON Lines file whose first line is cut after a '[' would
+    otherwise be one bad array, all its good lines lost."""
+    return ("the file looks like one JSON array, which is read as one only from a file whose name ends in .json "
+            "(before any .gz/.zst): rename it, or write one record per line")
 
 
 def _truncate(ex: Example, max_tokens: int, cut: list[bool], where: str, keep_end: bool = False) -> Example:

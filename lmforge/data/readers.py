@@ -18,7 +18,7 @@ import json
 import re
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 from lmforge.data.document import Document, stable_id, unix_line_ends
 from lmforge.errors import DataError, require
@@ -229,15 +229,6 @@ def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
         yield _error_doc(path, f"{unit} {len(pieces) + 1}", archive_reason(cut), cut)
 
 
-def _json_doc(path: Path, lineno: int, line: bytes, text_key: str, id_key: str) -> Document:
-    text, bad = decode_text(line)
-    try:
-        rec = json.loads(text)
-    except json.JSONDecodeError as e:
-        return _error_doc(path, f"line {lineno}", "bad_json", e)
-    return _record_doc(path, f"line {lineno}", str(lineno), rec, text_key, id_key, bad)
-
-
 def _record_doc(path: Path, where: str, key: str, rec: Any, text_key: str, id_key: str, bad: int = 0) -> Document:
     """A Document from one parsed JSON record (a line of JSON Lines or an element of a JSON array)."""
     # a null text reads as "", as a null in a Parquet text column does
@@ -259,39 +250,65 @@ def _record_doc(path: Path, where: str, key: str, rec: Any, text_key: str, id_ke
                     text=rec.get(text_key) or "", meta=meta, drop=drop)
 
 
-def _json_array_docs(path: Path, data: bytes, text_key: str, id_key: str) -> Iterator[Document]:
-    """The documents of a `.json` file holding one JSON array (json.dump, pandas to_json(lines=False))."""
-    text, bad = decode_text(data)
+class JsonRecord(NamedTuple):
+    """One record of a JSON file: `where` it is ("line N" / "element N", or "file" for an array that does not
+    parse), `key` naming it for stable ids ("N" for line N), the parsed `value` (None where `error` is set) and the
+    bytes `decode` could not read as they are (`meta.decode_errors`)."""
+    where: str
+    key: str
+    value: Any
+    decode_errors: int = 0
+    error: ValueError | None = None
+
+
+def _parse(where: str, key: str, data: bytes, decode: Callable[[bytes], tuple[str, int]]) -> JsonRecord:
     try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        yield _error_doc(path, "file", "bad_json", e)
-        return
-    for i, rec in enumerate(records):
-        yield _record_doc(path, f"element {i}", f"element {i}", rec, text_key, id_key, bad if i == 0 else 0)
+        text, bad = decode(data)
+        return JsonRecord(where, key, json.loads(text), bad)
+    except ValueError as e:  # UnicodeDecodeError (a strict `decode`), json.JSONDecodeError
+        return JsonRecord(where, key, None, 0, e)
+
+
+def json_records(path: str | Path, decode: Callable[[bytes], tuple[str, int]] = decode_text) -> Iterator[JsonRecord]:
+    """The records of a JSON Lines file (optionally .gz or .zst), one a non-blank line; of a `.json` file whose first
+    non-blank byte is `[`, the elements of that one JSON array (json.dump, pandas or `datasets` to_json(lines=False),
+    Alpaca's alpaca_data.json), parsed whole: such a file is held in memory as json.load would hold it, as the
+    one-line conversion to JSON Lines would too, so it is read rather than refused. The one reader of JSON records
+    (the data pipeline's `read_jsonl`, post-training's `lmforge.align.data.read_jsonl`). A UTF-8 byte-order mark
+    is dropped. The file is opened and decompressed once; OSError and ARCHIVE_ERRORS propagate (after the records
+    read before them)."""
+    maybe_array = uncompressed_name(path).endswith(".json")
+    with open_binary(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1:  # a UTF-8 byte-order mark (Windows editors write one) is no part of the JSON
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if not line.strip():
+                continue
+            if maybe_array and line.lstrip().startswith(b"["):  # (only blank lines came before)
+                array = _parse("file", "file", line + f.read(), decode)
+                if array.error is not None:
+                    yield array
+                for i, rec in enumerate(array.value or ()):  # (a `[` that parses is a list)
+                    yield JsonRecord(f"element {i}", f"element {i}", rec, array.decode_errors if i == 0 else 0)
+                return
+            maybe_array = False
+            yield _parse(f"line {lineno}", str(lineno), line, decode)
 
 
 def read_jsonl(path: str | Path, *, text_key: str = "text", id_key: str = "id") -> Iterator[Document]:
-    """JSON Lines, optionally .gz or .zst; a `.json` file whose first non-blank byte is `[` holds one JSON array
-    and is read element by element. Other top-level keys go into `meta`. A record without the text field is
-    `read_error:missing_text`. The file is opened and decompressed once."""
+    """JSON Lines, or a `.json` file holding one JSON array, read by `json_records`. Other top-level keys go into
+    `meta`. A record without the text field is `read_error:missing_text`."""
     path = Path(path)
-    maybe_array = uncompressed_name(path).endswith(".json")
-    lineno = 0
+    where = "line 0"
     try:
-        with open_binary(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if lineno == 1:  # a UTF-8 byte-order mark (Windows editors write one) is no part of the JSON
-                    line = line.removeprefix(b"\xef\xbb\xbf")
-                if not line.strip():
-                    continue
-                if maybe_array and line.lstrip().startswith(b"["):  # (only blank lines came before)
-                    yield from _json_array_docs(path, line + f.read(), text_key, id_key)
-                    return
-                maybe_array = False
-                yield _json_doc(path, lineno, line, text_key, id_key)
+        for rec in json_records(path):
+            where = rec.where
+            if rec.error is not None:
+                yield _error_doc(path, rec.where, "bad_json", rec.error)
+            else:
+                yield _record_doc(path, rec.where, rec.key, rec.value, text_key, id_key, rec.decode_errors)
     except (OSError, *ARCHIVE_ERRORS) as e:
-        yield _error_doc(path, f"after line {lineno}", archive_reason(e), e)
+        yield _error_doc(path, f"after {where}", archive_reason(e), e)
 
 
 def json_safe(value: Any) -> Any:

@@ -408,30 +408,36 @@ def test_sampled_token_ids_are_trained_as_they_are_in_every_record_kind(tmp_path
     assert len(items) == 1 and report.rejected == {"bad_ids": 3, "ids_mismatch": 1}
 
 
-def test_a_json_array_file_is_told_apart_with_the_command_that_converts_it(tmp_path):
-    """A data file that is one JSON array (Alpaca's alpaca_data.json, pretty-printed or on one line) was read as JSON
-    Lines and refused as 'not JSON' or 'a list' at line 1, with no word of why (found 2026-12-07). The error says so
-    and gives a command, which writes the JSON Lines the run then reads."""
-    import shlex
-    import subprocess
-    import sys
+def test_a_json_array_file_is_read_as_the_data_pipeline_reads_it(tmp_path):
+    """A data file that is one JSON array (Alpaca's alpaca_data.json, pretty-printed or on one line) was refused with
+    a command converting it, while the data pipeline's read_jsonl read the same file (found 2026-12-07): one reader
+    (lmforge.data.readers.json_records) now reads it, gzipped too. Only a .json file is read as an array; a .jsonl
+    holding one is told to be renamed."""
+    import gzip
 
     enc = D.Encoder(TOK, "plain")
-    records = [{"messages": _chat("a", "b")}, {"messages": _chat("c", "d")}]
+    records = [{"messages": _chat("a", "b")}, {"messages": _chat("c", "d")}, "not a record"]
     (tmp_path / "pretty.json").write_text(json.dumps(records, indent=1))
-    (tmp_path / "flat.json").write_text(json.dumps(records))
-    (tmp_path / "array.jsonl").write_text(json.dumps(records))  # (named .jsonl: the command must not write over it)
-    for name, problem, out in (("pretty.json", "not JSON: Expecting value", "pretty.jsonl"),
-                               ("flat.json", "a list, not an object", "flat.jsonl"),
-                               ("array.jsonl", "a list, not an object", "array.lines.jsonl")):
-        with pytest.raises(DataError, match=rf"^{name}:1: the record is {problem}.*; the file looks like one JSON "
-                                            r"array, and data files are JSON Lines \(one record per line\): convert it "
-                                            r"with python -c ") as e:
+    (tmp_path / "flat.json.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf\n" + json.dumps(records).encode()))
+    want, _ = D.load_records((str(_write(tmp_path / "lines.jsonl", records[:2])),), enc, "sft", 64, "raise")
+    for name in ("pretty.json", "flat.json.gz"):
+        items, rep = D.load_records((str(tmp_path / name),), enc, "sft", 64, "skip")
+        assert items == want and rep.records == 3 and rep.first["bad_json"] == f"{name}:element 2"
+        with pytest.raises(DataError, match=rf"^{name}:element 2: the record is a str, not an object; fix the line"):
             D.load_records((str(tmp_path / name),), enc, "sft", 64, "raise")
-        command = str(e.value).split("convert it with ")[1].replace("python", shlex.quote(sys.executable), 1)
-        assert command.endswith(f"> {tmp_path / out}")
-        subprocess.run(command, shell=True, check=True, cwd=tmp_path)
-        items, rep = D.load_records((str(tmp_path / out),), enc, "sft", 64, "raise")
-        assert rep.used == 2 and len(items) == 2
+    (tmp_path / "bad.json").write_text('[{"messages": []},\n')
+    with pytest.raises(DataError, match=r"^bad.json:file: the record is not JSON: Expecting value.*; fix the file$"):
+        D.load_records((str(tmp_path / "bad.json"),), enc, "sft", 64, "raise")
+    for text, problem in ((json.dumps(records), "a list, not an object"),
+                          (json.dumps(records, indent=1), "not JSON: Expecting value")):
+        (tmp_path / "array.jsonl").write_text(text)
+        with pytest.raises(DataError, match=rf"^array.jsonl:1: the record is {problem}.*; the file looks like one "
+                                            r"JSON array, which is read as one only from a file whose name ends in "
+                                            r"\.json \(before any \.gz/\.zst\): rename it"):
+            D.load_records((str(tmp_path / "array.jsonl"),), enc, "sft", 64, "raise")
     with pytest.raises(DataError, match=r"^d.jsonl:2: the record is not JSON.*; fix the line or set data.on_error"):
         D.load_records((str(_write(tmp_path / "d.jsonl", [records[0], "[oops"])),), enc, "sft", 64, "raise")
+    cut = gzip.compress(json.dumps(records[0]).encode() + b"\n")[:-12]
+    (tmp_path / "cut.jsonl.gz").write_bytes(cut)
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: the compressed file is cut or damaged \(EOFError"):
+        D.load_records((str(tmp_path / "cut.jsonl.gz"),), enc, "sft", 64, "raise")

@@ -34,6 +34,10 @@ MAGIC = b"LMFTOKS1"
 VERSION = 2
 """the newest format: 2 adds the documents' starts after the tokens (shards written without a separator); a shard
 without them is written as version 1, which readers before it read"""
+SCAN_AT_OPEN = 1 << 24
+"""A shard of up to this many tokens has every id checked when a run opens it (TokenFile.check_vocab: one vectorised
+max, ~10 ms); a larger one has each window checked as it is read (TokenFile.check_ids from train.data.Split.window),
+so its header's max_id is never trusted alone."""
 _RESERVED = 4096  # header bytes reserved by the streaming writer (the header is rewritten at close)
 
 
@@ -187,6 +191,10 @@ class TokenFile:
             raise DataError(f"{self.path} is truncated or corrupt: {size} bytes, header says {expected}")
         self.tokens = (np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(n,))
                        if n else np.zeros(0, dtype=self.dtype))
+        self.model_vocab: int | None = None
+        """the vocab_size of the model reading the shard (check_vocab), which bounds its ids with the shard's own"""
+        self.scanned = False
+        """whether every id was checked (check_vocab, a shard of up to SCAN_AT_OPEN tokens)"""
         self.doc_starts: np.ndarray | None = None
         """where each document's tokens begin, in a shard without doc_sep that records them (older ones do not)"""
         if self.header.get("doc_starts"):
@@ -218,3 +226,23 @@ class TokenFile:
                 f"{self.path} holds token id {max_id} but the model's vocab_size is {model_vocab}; "
                 f"set model.vocab_size >= {max_id + 1} or re-tokenize"
             )
+        self.model_vocab = model_vocab
+        if len(self.tokens) <= SCAN_AT_OPEN:
+            self.check_ids(self.tokens)
+            self.scanned = True
+
+    def check_ids(self, ids: np.ndarray, start: int = 0) -> None:
+        """Refuse `ids` (the shard's tokens from index `start`) holding one outside the vocabulary: the shard's
+        vocab_size and the model's (check_vocab). One vectorised max, no per-token Python: the header's max_id, which
+        check_vocab trusts, hid a corrupt id until the embedding raised an IndexError mid-run."""
+        own, model = self.vocab_size, self.model_vocab or self.vocab_size
+        limit = min(own, model)
+        if not len(ids) or int(ids.max()) < limit:
+            return
+        at = int(np.argmax(np.asarray(ids) >= limit))
+        whose = ("the model's and the shard's" if own == model else
+                 f"the shard's; the model's is {model}" if own < model else f"the model's; the shard's is {own}")
+        max_id = self.header.get("max_id")
+        header = f"; its header's max_id {max_id} is wrong" if max_id is not None and max_id < ids[at] else ""
+        raise DataError(f"{self.path}: token {start + at} is id {int(ids[at])}, outside the vocabulary (vocab_size "
+                        f"{limit}: {whose}){header}: the shard is corrupt; re-create it (lmforge tokenizer encode)")

@@ -105,7 +105,13 @@ class Split:
         return self.stop - self.start
 
     def window(self, offset: int, length: int) -> np.ndarray:
-        return np.asarray(self.file.tokens[self.start + offset: self.start + offset + length], dtype=np.int64)
+        """(length,) int64 tokens from `offset`, refused where one is outside the vocabulary (TokenFile.check_ids:
+        one max over the window read, for a shard too large to scan at open)."""
+        at = self.start + offset
+        w = np.asarray(self.file.tokens[at: at + length], dtype=np.int64)
+        if not self.file.scanned:
+            self.file.check_ids(w, at)
+        return w
 
     def doc_starts(self, offset: int, length: int) -> np.ndarray:
         """(length,) bool: which tokens of `window(offset, length)` open a document, where the shard records it

@@ -242,3 +242,47 @@ def test_demo_flags_name_themselves():
                              ("--lr", "lr", math.nan)):
         with pytest.raises(ConfigError, match=rf"^{flag} must be a positive number, got {bad}$"):
             DemoConfig(**{field: bad})
+
+
+def _corrupt(path, at: int, token_id: int):
+    """Write `token_id` over token `at` of a shard, its header (max_id) left as it was."""
+    import numpy as np
+
+    from lmforge.data.shards import TokenFile
+
+    f = TokenFile(path)
+    with open(path, "r+b") as out:
+        out.seek(f.offset + at * f.dtype.itemsize)
+        out.write(np.array([token_id], dtype=f.dtype).tobytes())
+    return path
+
+
+def test_a_token_id_past_the_vocabulary_is_one_line_naming_shard_id_and_vocab(tmp_path, monkeypatch):
+    """A shard holding an id its header's max_id hides (121 claimed, 300 held) passed check_vocab, which trusts the
+    header, and trained until a window held it: an IndexError in the embedding or LMEvaluator._bytes. A small shard
+    is scanned at open (one vectorised max); past that size each window is checked as it is read."""
+    import numpy as np
+
+    from lmforge.data import shards
+    from lmforge.train.data import BatchSampler, eval_windows, open_splits
+
+    bad = _corrupt(make_shard(tmp_path / "bad.bin"), 5000, 300)
+    line = (rf"^{bad}: token 5000 is id 300, outside the vocabulary \(vocab_size 257: the model's and the shard's\); "
+            r"its header's max_id 121 is wrong: the shard is corrupt; re-create it \(lmforge tokenizer encode\)$")
+    with pytest.raises(DataError, match=line):
+        pretraining_parts(tiny_config(bad, tmp_path / "run"))
+    monkeypatch.setattr(shards, "SCAN_AT_OPEN", 0)  # a large shard: its windows are checked instead
+    train, val = open_splits((str(bad),), (), 0.0, 32, 257)
+    sampler = BatchSampler(train, 4, 32, "sequential", 0)
+    for _ in range(5000 // (4 * 32)):
+        assert int(sampler.next()[0].max()) <= 256
+    with pytest.raises(DataError, match=line):
+        sampler.next()
+    with pytest.raises(DataError, match=line):
+        eval_windows(train, 100, 4, 32)
+    big = _corrupt(make_shard(tmp_path / "big.bin"), 10, 257)
+    train, _ = open_splits((str(big),), (), 0.0, 32, 300)  # a model vocab over the shard's: the shard's 257 bounds
+    with pytest.raises(DataError, match=r"token 10 is id 257, outside the vocabulary \(vocab_size 257: the shard's; "
+                                        r"the model's is 300\)"):
+        BatchSampler(train, 1, 32, "sequential", 0).next()
+    assert np.array_equal(train[0].window(11, 5), np.frombuffer(synthetic_text().encode(), np.uint8)[11:16])

@@ -27,6 +27,7 @@ class SourceConfig:
     name: str = ""
     """what metrics.jsonl calls it (tokens/NAME); every source needs one"""
     train: tuple[str, ...] = ()
+    """token shard files, directories or glob patterns, as data.train takes them"""
     val: tuple[str, ...] = ()
     """validation shards; if empty, the last data.val_fraction of the source's training tokens"""
 
@@ -49,7 +50,8 @@ class PhaseConfig:
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train: tuple[str, ...] = ()
-    """token shard files (lmforge.data.shards) to train on"""
+    """token shard files (lmforge.data.shards) to train on; a directory gives its *.bin files and a glob pattern
+    (quoted on a command line) its matches, sorted by name (lmforge.train.data.shard_paths)"""
     val: tuple[str, ...] = ()
     """validation shards; if empty, the last `val_fraction` of the training tokens is held out"""
     val_fraction: float = 0.1

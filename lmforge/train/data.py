@@ -10,6 +10,7 @@ Windows have seq_len + 1 tokens: inputs x = w[:-1], targets y = w[1:].
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -135,11 +136,34 @@ def directory_error(path: Path, what: str, pattern: str, prefer: str = "", key: 
     return DataError(f"{key + ': ' if key else ''}{path} is a directory, not {what}{hint}")
 
 
-def _token_files(paths: tuple[str, ...], key: str) -> list[TokenFile]:
+def shard_paths(paths: tuple[str, ...], key: str) -> list[Path]:
+    """The token shard files `paths` names, in order: a file as it is; a directory, the *.bin files in it; a glob
+    pattern (*, ?, [...]; ** for any depth), the files it matches; those two sorted by name. A directory holding the
+    other split's shard (val.bin under data.train, train.bin under data.val: the folder `lmforge tokenizer encode`
+    writes) is refused, its validation text would be trained on, as is one holding no shard or a pattern matching
+    no file. Every shard found is checked as a listed one is (check_one_tokenizer, check_vocab)."""
+    out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            raise directory_error(p, "a token shard file", "*.bin", f"{key.rsplit('.', 1)[-1]}.bin", key)
-    return [TokenFile(p) for p in paths]
+            found = sorted(q for q in p.glob("*.bin") if q.is_file())
+            other = "val.bin" if key.endswith("train") else "train.bin"
+            if not found:
+                raise DataError(f"{key}: {p} holds no *.bin token shard; make them with lmforge tokenizer encode or a "
+                                "data pipeline's tokenize stage")
+            if p / other in found:
+                rest = ", ".join(str(q) for q in found if q.name != other)
+                raise DataError(f"{key}: {p} holds {other}, the other split's shard, beside its training shards: name "
+                                f"them ({rest}) or a pattern that leaves {other} out")
+            out += found
+        elif not p.exists() and any(c in str(p) for c in "*?["):
+            found = sorted(Path(q) for q in glob.glob(str(p), recursive=True) if Path(q).is_file())
+            if not found:
+                raise DataError(f"{key}: {p} matches no file (a token shard file, a directory of *.bin shards or a "
+                                "glob pattern is taken)")
+            out += found
+        else:
+            out.append(p)
+    return out
 
 
 def open_splits(train: tuple[str, ...], val: tuple[str, ...], val_fraction: float, seq_len: int,
@@ -148,8 +172,8 @@ def open_splits(train: tuple[str, ...], val: tuple[str, ...], val_fraction: floa
     names their config section in errors (data, data.sources[1])."""
     if not train:
         raise DataError(f"no training data: set {key}.train to one or more token shard files")
-    files = _token_files(train, f"{key}.train")
-    val_files = _token_files(val, f"{key}.val")
+    files = [TokenFile(p) for p in shard_paths(train, f"{key}.train")]
+    val_files = [TokenFile(p) for p in shard_paths(val, f"{key}.val")]
     for f in files + val_files:
         f.check_vocab(model_vocab)
     if val_files:

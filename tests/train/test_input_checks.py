@@ -3,6 +3,7 @@ spelled two ways), a directory where a shard file belongs, values that would ove
 
 import dataclasses
 import math
+import re
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.model.config import ModelConfig
 from lmforge.optim.config import OptimConfig
 from lmforge.train.config import DataConfig, LoopConfig, PhaseConfig, SourceConfig, TrainConfig
-from lmforge.train.pretrain import pretraining_parts
+from lmforge.train.pretrain import pretraining_data, pretraining_parts
 
 from .helpers import make_shard, synthetic_text, tiny_config
 
@@ -112,22 +113,36 @@ def test_a_model_vocabulary_smaller_than_the_tokenizers_is_refused(tmp_path, bpe
     assert pretraining_parts(dataclasses.replace(cfg, model=MODEL)).model.cfg.vocab_size == 300
 
 
-def test_a_directory_given_for_a_shard_names_the_shards_in_it(tmp_path, bpe_shards):
+def test_a_directory_or_glob_gives_its_shards_sorted_and_each_checked(tmp_path, bpe_shards):
+    """data.train took files only (a directory was refused, a pattern was 'token file not found ... make one with
+    lmforge tokenizer encode'), though the data source takes a list: a directory gives its *.bin files and a glob
+    pattern its matches, sorted, each checked as a listed shard is (the same tokenizer). A directory holding the other
+    split's shard (`lmforge tokenizer encode`'s train.bin + val.bin) is refused naming the file to give."""
     tok, path, ids, train = bpe_shards
     folder = train.parent
-    with pytest.raises(DataError, match=rf"^data.train: {folder} is a directory, not a token shard file; give the "
-                                        rf"file in it: {train}$"):
-        pretraining_parts(_config(tmp_path, [folder]))
-    with pytest.raises(DataError, match=rf"^data.val: {tmp_path / 'tok'} is a directory, .* and holds no \*.bin file"):
-        pretraining_parts(_config(tmp_path, [train], [tmp_path / "tok"]))
+    shutil.copy(train, folder / "b.bin")
+    (folder / "notes.txt").write_text("not a shard")
+    want = [str(train.parent / "b.bin"), str(train)]
+    for given in (folder, folder / "*.bin", tmp_path / "**" / "*.bin"):
+        parts = pretraining_data(_config(tmp_path, [given]))
+        assert [str(s.file.path) for s in parts.sampler.splits] == want
+    (folder / "val.bin").symlink_to(train)
+    with pytest.raises(DataError, match=rf"^data.train: {folder} holds val.bin, the other split's shard, beside its "
+                                        rf"training shards: name them \({folder / 'b.bin'}, {train}\) or a pattern"):
+        pretraining_data(_config(tmp_path, [folder]))
+    with pytest.raises(DataError, match=rf"^data.val: {tmp_path / 'tok'} holds no \*.bin token shard; make them with "
+                                        r"lmforge tokenizer encode or a data pipeline's tokenize stage$"):
+        pretraining_data(_config(tmp_path, [train], [tmp_path / "tok"]))
+    nothing = re.escape(str(tmp_path / "x*.bin"))
+    with pytest.raises(DataError, match=rf"^data.train: {nothing} matches no file \(a token "
+                                        r"shard file, a directory of \*.bin shards or a glob pattern is taken\)$"):
+        pretraining_data(_config(tmp_path, [tmp_path / "x*.bin"]))
     cfg = _config(tmp_path, [train])
-    data = DataConfig(seq_len=32, batch_size=8, sources=(SourceConfig(name="s", train=(str(tmp_path),)),),
+    byte = make_shard(tmp_path / "byte" / "c.bin")  # a byte-level shard found by the pattern: refused as if listed
+    data = DataConfig(seq_len=32, batch_size=8, sources=(SourceConfig(name="s", train=(str(tmp_path / "*/*.bin"),)),),
                       phases=(PhaseConfig(start=0.0, weights=(1.0,)),))
-    with pytest.raises(DataError, match=rf"^data.sources\[0\].train: {tmp_path} is a directory, .* holds no "):
-        pretraining_parts(dataclasses.replace(cfg, data=data))
-    shutil.copy(train, folder / "more.bin")
-    with pytest.raises(DataError, match=rf"give the files in it: {folder / 'more.bin'}, {train}$"):
-        pretraining_parts(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=(str(folder),))))
+    with pytest.raises(DataError, match=rf"^{byte} was encoded by tokenizer 'byte' \(vocab 257\) but "):
+        pretraining_data(dataclasses.replace(cfg, data=data))
 
 
 def test_an_sft_data_folder_names_the_jsonl_files_in_it(tmp_path):

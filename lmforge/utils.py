@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -220,6 +221,17 @@ def once_per_file(load: Callable[..., T] | None = None, *, files_of: Callable[..
     by_file.cache_clear = cache_clear
     by_file.cache_info = lambda: CacheInfo(counts[0], counts[1], None, len(held))
     return by_file
+
+
+@once_per_file
+def content_digest(path: str) -> str:
+    """sha256 of a file's bytes (of a folder: its entries' sorted names, what its mtime stands for), read once per
+    process while the file's stamps stay as they are (once_per_file): what tells a file touched, or copied with its
+    bytes, from one changed, where a stamp's time moved but its size did not (pipeline.describe_changes)."""
+    if Path(path).is_dir():
+        return hashlib.sha256("\0".join(sorted(os.listdir(path))).encode("utf-8", "surrogateescape")).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def umask() -> int:

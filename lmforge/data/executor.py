@@ -289,7 +289,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
     files = [f for fs in shards.values() for f in fs]
     check_requirements(cfg, files)
     check_stages(cfg)
-    fixed = stage_files(cfg)
+    fixed = stage_files(cfg, digests=True)
     inside = [f for f in files if f.resolve().is_relative_to(root.resolve())]
     if inside:
         raise ConfigError(f"input {inside[0]} lies inside output.dir {root}: a run writes (and --restart removes) "
@@ -315,7 +315,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
         old_inputs = old.pop("inputs", None)
         old_files = old.pop("stage_files", None)  # (none from lmforge before 2026-12-07)
         if old_files is not None and not (isinstance(old_files, dict) and all(
-                isinstance(v, list) and all(isinstance(f, list) and len(f) == 3 for f in v)
+                isinstance(v, list) and all(isinstance(f, list) and len(f) in (3, 4) for f in v)
                 for v in old_files.values())):
             raise ConfigError(f"{saved}, one of the run's own records, is corrupt (its stage_files is no "
                               "{stage: [[path, size, mtime], ...]}); rerun with --restart to redo the run, or choose "

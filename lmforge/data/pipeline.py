@@ -32,7 +32,7 @@ from lmforge.data.readers import FORMATS, compression, detect_format, read_docum
 from lmforge.data.stage import StageSpec
 from lmforge.data.writers import WRITE_FORMATS
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.utils import file_stamps, input_files
+from lmforge.utils import content_digest, file_stamps, input_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,14 +233,17 @@ def stage_labels(cfg: PipelineConfig) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}[{i}]" for i, n in enumerate(names)]
 
 
-def stage_files(cfg: PipelineConfig) -> dict[str, list[list]]:
+def stage_files(cfg: PipelineConfig, *, digests: bool = False) -> dict[str, list[list]]:
     """{stage label: [[resolved path, size, mtime_ns], ...]} of the files each stage reads now (`StageSpec.reads`: a
     tokenizer, a model, the eval files decontam's folders hold): what a run fixes at its start, keeps in pipeline.json
-    and checks before and after each shard (`check_stage_files`)."""
+    and checks before and after each shard (`check_stage_files`). `digests`: each with its content digest after
+    (utils.content_digest), what the run records, so a file touched since is told from one changed
+    (`describe_changes`); a check compares stamps and reads a file's digest only where its time alone moved."""
     out = {}
     for label, (spec, stage) in zip(stage_labels(cfg), cfg.built_stages()):
         if spec.reads is not None:
-            out[label] = [list(stamp) for stamp in dict.fromkeys(file_stamps(spec.reads(stage)))]
+            stamps = dict.fromkeys(file_stamps(spec.reads(stage)))
+            out[label] = [[*stamp, content_digest(stamp[0])] if digests else list(stamp) for stamp in stamps]
     return out
 
 
@@ -275,13 +278,25 @@ def input_fingerprint(shards: dict[str, list[Path]]) -> list[list]:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for files in shards.values() for f in files]
 
 
+def _changed(was: list, now: list) -> bool:
+    """Whether a file changed between two stamps ([path, size, mtime_ns] and maybe a content digest after, the one
+    recorded): a moved time with the same size is a change only where the digest recorded differs from the file's now
+    (a `touch`, a copy keeping the bytes, is none)."""
+    if was[1:3] == now[1:3]:
+        return False
+    return was[1] != now[1] or len(was) < 4 or content_digest(now[0]) != was[3]
+
+
 def describe_changes(old: list[list], new: list[list]) -> str:
-    """'2 new (c.jsonl, d.jsonl); 1 changed (a.jsonl)' between two fingerprints ('' when equal)."""
-    before, after = {p: (s, m) for p, s, m in old}, {p: (s, m) for p, s, m in new}
+    """'2 new (c.jsonl, d.jsonl); 1 changed (a.jsonl)' between two fingerprints ('' when equal): [path, size,
+    mtime_ns] each, a recorded one maybe with a content digest after (`stage_files`; then a file whose time alone
+    moved is compared by content: `_changed`)."""
+    before, after = {f[0]: f for f in old}, {f[0]: f for f in new}
+    what = "changed size or content" if any(len(f) > 3 for f in old) else "changed size or time"
     groups = [("new", [p for p in after if p not in before]),
               ("removed", [p for p in before if p not in after]),
-              ("changed size or time", [p for p in after if p in before and after[p] != before[p]])]
-    if [p for p, _, _ in old] != [p for p, _, _ in new] and not any(g for _, g in groups):
-        groups.append(("reordered", [p for p, _, _ in new]))
+              (what, [p for p in after if p in before and _changed(before[p], after[p])])]
+    if [f[0] for f in old] != [f[0] for f in new] and not any(g for _, g in groups):
+        groups.append(("reordered", [f[0] for f in new]))
     return "; ".join(f"{len(ps)} {what} ({', '.join(Path(p).name for p in ps[:3])}{', ...' if len(ps) > 3 else ''})"
                      for what, ps in groups if ps)

@@ -92,11 +92,12 @@ class _MapPhase:
         """The stage files this process holds itself to: as it found them at its first batch of the run, not the
         driver's `fixed`. On another machine a model copied to each node has another mtime and a symlink may resolve
         elsewhere, so comparing the driver's stamps failed every batch; a change on this node mid-run still fails,
-        and the driver checks its own files before and after the run (`run_ray`)."""
+        and the driver checks its own files before and after the run (`run_ray`). With their content digests, so a
+        file only touched is no change (`pipeline.describe_changes`)."""
         if self.fixed is None:
             return None
         if self.run not in _FIRST_SEEN:
-            _FIRST_SEEN[self.run] = {k: v for k, v in stage_files(self.cfg).items() if k in self.fixed}
+            _FIRST_SEEN[self.run] = {k: v for k, v in stage_files(self.cfg, digests=True).items() if k in self.fixed}
         return _FIRST_SEEN[self.run]
 
     def __call__(self, batch: Any) -> Any:

@@ -19,7 +19,8 @@ def _worker_log(log: str):
     """A Ray worker_process_setup_hook: each worker process appends "<pid> load <name>" for every fastText model
     file or classifier directory it loads, "<pid> task <task id>" for every batch a map phase runs and "<pid> fail
     <error class>" for one that fails, to `log`; while a file `log`.touch names a file, each batch a map phase runs
-    moves that file's mtime on by 7 s after it (a tokenizer saved again mid-run). (A closure, so that Ray pickles it
+    adds a newline to that file after it and moves its mtime on by 7 s (a tokenizer saved again mid-run; a bare touch
+    is no change: the stamps carry a content digest). (A closure, so that Ray pickles it
     by value: the workers need not import the tests.)"""
 
     def setup() -> None:
@@ -48,6 +49,8 @@ def _worker_log(log: str):
             if os.path.exists(log + ".touch"):
                 with open(log + ".touch", encoding="utf-8") as f:
                     path = f.read()
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write("\n")
                 t = os.stat(path).st_mtime_ns + 7 * 10**9
                 os.utime(path, ns=(t, t))
             return out
@@ -280,7 +283,7 @@ def test_ray_stage_file_changed_mid_run_fails_in_one_line_that_says_restart(tmp_
             ray_executor.run_ray(load_pipeline(tmp_path / "p.toml"), batch_size=1)
     finally:
         touch.unlink()
-    assert re.fullmatch(r"the files stage 'tokenize' reads changed during the run in .*run: 1 changed size or time "
+    assert re.fullmatch(r"the files stage 'tokenize' reads changed during the run in .*run: 1 changed size or content "
                         r"\(lmforge_tokenizer\.json\); the Ray executor cannot resume a run: rerun with --restart to "
                         r"redo it with the new ones", str(failed.value))
     fails = [line.split()[2] for line in worker_log.read_text(encoding="utf-8")[len(before):].splitlines()

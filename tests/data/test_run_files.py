@@ -116,7 +116,7 @@ def test_a_resume_after_the_tokenizer_changed_is_refused_and_restart_uses_the_ne
     new = _merged_tok()
     _save(new, spec, later_s=5)
     with pytest.raises(ConfigError, match=r"the files stage 'tokenize' reads changed since the run .* was made: "
-                                          r"1 changed size or time \(lmforge_tokenizer\.json\).*--restart"):
+                                          r"1 changed size or content \(lmforge_tokenizer\.json\).*--restart"):
         run_local(load_pipeline(p))
     assert len(_ids(tmp_path, 0)) == 1 + len(TEXT)  # nothing was rewritten
     run_local(load_pipeline(p), restart=True)
@@ -182,3 +182,49 @@ def test_the_files_a_run_fixes_are_those_its_stages_read(tmp_path):
     got = {label: [f[0] for f in files] for label, files in stage_files(cfg).items()}
     assert got == {"c4": [str(bad.resolve())], "toxicity[2]": [str(model.resolve())],
                    "toxicity[3]": [str(model.resolve())], "langid": []}
+
+
+def _touch(path: Path, later_s: int = 5) -> None:
+    t = path.stat().st_mtime_ns + later_s * 10**9
+    os.utime(path, ns=(t, t))
+
+
+def test_a_file_touched_but_not_changed_lets_a_run_resume_and_go_on(tmp_path, monkeypatch):
+    """The stamps were size + mtime, so a bare `touch` of the tokenizer (or a copy that kept its bytes) refused the
+    resume and failed a running run. A stamp whose time moved but whose size did not is compared by a content digest
+    recorded beside it (utils.content_digest, read once per file while its stamps stay); a same-size edit is still
+    refused."""
+    p, spec = _tokenize_pipeline(tmp_path)
+    real = executor._finish_shard
+
+    def finish_then_touch(*args):
+        out = real(*args)
+        _touch(spec)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(executor, "_finish_shard", finish_then_touch)
+        run_local(load_pipeline(p))  # touched after each shard: the run goes on
+    (tmp_path / "run" / "_work" / "p0" / "shard-00001.done.json").unlink()
+    _touch(spec)
+    run_local(load_pipeline(p))
+    assert _ids(tmp_path, 0) == _ids(tmp_path, 1) == [256, *TEXT.encode()]
+    (recorded,) = json.loads((tmp_path / "run" / "pipeline.json").read_text())["stage_files"]["tokenize"]
+    assert recorded[:3] == [str(spec.resolve()), spec.stat().st_size, spec.stat().st_mtime_ns]
+
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    (evals / "a.jsonl").write_text(json.dumps({"q": "nothing like the documents here at all"}) + "\n")
+    (tmp_path / "d").mkdir()
+    p = _pipeline(tmp_path / "d", f'[[stages]]\nstage = "decontam"\neval_paths = ["{evals}"]\nngram = 4\n')
+    run_local(load_pipeline(p))
+    marker = tmp_path / "d" / "run" / "_work" / "p0" / "shard-00001.done.json"
+    marker.unlink()
+    _touch(evals / "a.jsonl")
+    run_local(load_pipeline(p))
+    marker.unlink()
+    (evals / "a.jsonl").write_text(json.dumps({"q": "nothing LIKE the documents here at all"}) + "\n")
+    _touch(evals / "a.jsonl")
+    with pytest.raises(ConfigError, match=r"the files stage 'decontam' reads changed since the run .* was made: "
+                                          r"1 changed size or content \(a\.jsonl\)"):
+        run_local(load_pipeline(p))

@@ -317,9 +317,12 @@ def test_ray_workers_hold_to_the_stage_files_they_first_saw_not_the_drivers(tmp_
     stats = [json.loads(r["meta"]) for r in phase(batch()).to_pylist() if r["kind"] == "stats"]
     assert stats[-1]["counters"]["tokenize.tokens"] == 1 + len("some text")
     later = mtime + 7 * 10**9
-    os.utime(spec, ns=(later, later))  # saved again on this node mid-run
+    os.utime(spec, ns=(later, later))  # touched on this node: the same bytes, no change (their content digest)
+    phase(batch())
+    with open(spec, "a", encoding="utf-8") as f:  # saved again on this node mid-run
+        f.write("\n")
     with pytest.raises(DataError, match=r"the files stage 'tokenize' reads changed during the run .*: 1 changed size "
-                                        r"or time \(lmforge_tokenizer\.json\); the Ray executor cannot resume"):
+                                        r"or content \(lmforge_tokenizer\.json\); the Ray executor cannot resume"):
         phase(batch())
 
 
@@ -360,6 +363,8 @@ def test_ray_driver_checks_its_stage_files_after_the_run(tmp_path, local_ray, mo
     real = ray_executor._run_dataset
 
     def saved_again_first(*args):
+        with open(spec, "a", encoding="utf-8") as f:
+            f.write("\n")
         t = spec.stat().st_mtime_ns + 7 * 10**9
         os.utime(spec, ns=(t, t))
         return real(*args)

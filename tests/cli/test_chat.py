@@ -1,0 +1,69 @@
+"""`lmforge chat` and the other chat front ends (LLM.chat, a server on an AsyncEngine): where an answer ends, and
+which chat template a checkpoint is talked to with."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lmforge.cli.chat import ChatConfig, chat_loop
+from lmforge.infer.async_engine import AsyncEngine
+from lmforge.infer.chat_template import get_template
+from lmforge.infer.engine import Engine
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams
+from lmforge.tokenizer.byte import ByteTokenizer
+
+from ..infer.infer_helpers import tiny_model
+from ..infer.test_chat_continue import _force  # a logits processor writing a text, then end-of-text
+
+TOK = ByteTokenizer()
+
+
+# what a model SFT-trained on the plain template writes: the answer, the end marker "\n" it was trained to end
+# it with, then whatever it never learned (nothing follows an answer's end marker in its training examples)
+RAMBLE = "It is 4.\nIt is 4 because 2 and 2 make 4, and"
+
+
+def _server_answer(llm: LLM, msgs: list[dict], params: SamplingParams):
+    async def main():
+        aeng = AsyncEngine(Engine(llm.model, TOK))
+        try:
+            rid = await aeng.add_chat_request(msgs, params, template=get_template("plain"))
+            return [o async for o in aeng.stream(rid)][-1].outputs[0]
+        finally:
+            await aeng.shutdown()
+    return asyncio.run(main())
+
+
+def test_a_plain_template_answer_ends_at_its_end_marker_in_every_chat_front_end():
+    """The plain template ends an assistant turn with "\\n" (ChatTemplate.end, trained by SFT); its stop rule
+    (ChatTemplate.stop, which chat_request hands every front end) had only the next turn's headers ("\\nUser:"),
+    so a model SFT-trained on it never stopped by itself: it ran to max_tokens."""
+    assert get_template("plain").stop == ("\n",)
+    llm = LLM(tiny_model("llama"), TOK)
+    msgs = [{"role": "user", "content": "2+2?"}]
+    p = SamplingParams(temperature=0, max_tokens=60, logits_processors=(_force(RAMBLE, TOK),))
+    out = llm.chat(msgs, p, template="plain")[0].outputs[0]  # LLM.chat
+    assert (out.text, out.finish_reason, out.stop_reason) == ("It is 4.", "stop", "\n")
+    served = _server_answer(llm, msgs, p)  # a server on an AsyncEngine
+    assert (served.text, served.finish_reason, served.stop_reason) == ("It is 4.", "stop", "\n")
+    lines, written = iter(["2+2?"]), []
+
+    def read(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    history = chat_loop(llm, ChatConfig(checkpoint="-", template="plain", sampling=p), read, written.append)
+    assert history[-1] == {"role": "assistant", "content": "It is 4."}  # `lmforge chat`
+    assert "".join(written) == "bot> It is 4.\n\n"
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_marker_templates_keep_their_stops(name):
+    """The end marker less the newline after it, and the marker opening any next turn, as before."""
+    t = get_template(name)
+    assert t.stop == (t.end.strip(), t.header.split("{role}")[0])
+

@@ -27,7 +27,8 @@ class ChatConfig:
     template: str | None = None
     """chat template: chatml | llama3 | plain; default: the one the checkpoint was fine-tuned with (lmforge
     sft/dpo/... record it), else a HF checkpoint's own (its tokenizer_config.json Jinja), else chatml where
-    the tokenizer has its markers as special tokens, else plain (a pretrained model)"""
+    the tokenizer has its markers as special tokens, else plain (a pretrained model); one other than the
+    checkpoint's is said in a note naming both"""
     system: str = ""
     """system message that opens every conversation"""
     sampling: Sampling = sampling_field(max_tokens=512)
@@ -107,6 +108,17 @@ def _answer(llm, prompt: list[int], sp, write) -> str:
     return "".join(parts)
 
 
+def overridden(checkpoint: str, asked: str | None, recorded) -> str | None:
+    """The notice that --template `asked` replaces the template the checkpoint carries (`recorded`: the name its
+    fine-tuning run recorded, or its own Jinja: checkpoint_chat_template), else None: a model answers best in the
+    format it was fine-tuned on, so the switch is said, naming both."""
+    if asked is None or recorded is None or recorded == asked:
+        return None
+    carried = (f"was fine-tuned with chat template {recorded!r}" if isinstance(recorded, str)
+               else "has a chat template of its own (HF Jinja)")
+    return f"{checkpoint} {carried}; using --template {asked} as asked"
+
+
 def main(argv: list[str]) -> int:
     from lmforge.cli.common import load_llm, parse_config
 
@@ -120,9 +132,10 @@ def main(argv: list[str]) -> int:
     get_template(named or "chatml")  # an unknown name is refused before the model loads
     llm = load_llm(cfg)
     template, notice = choose_template(llm.tokenizer, cfg.template, recorded, plain="--template plain")
+    for line in (overridden(cfg.checkpoint, cfg.template, recorded), notice):
+        if line:
+            print(f"({line})")
     cfg = dataclasses.replace(cfg, template=template.name)
-    if notice:
-        print(f"({notice})")
     print(f"lmforge chat: template {cfg.template}; /reset to start over, /exit to leave, Ctrl-C stops an answer")
     # said once, not by the engine at every turn in the middle of an answer: truncate_prompt keeps at most half the
     # window of a conversation whose answers could pass it (lmforge.infer.request.encode_prompt)

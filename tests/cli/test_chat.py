@@ -9,7 +9,7 @@ import pytest
 
 from lmforge.cli.chat import ChatConfig, chat_loop
 from lmforge.infer.async_engine import AsyncEngine
-from lmforge.infer.chat_template import get_template
+from lmforge.infer.chat_template import JinjaTemplate, get_template
 from lmforge.infer.engine import Engine
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
@@ -67,3 +67,28 @@ def test_marker_templates_keep_their_stops(name):
     t = get_template(name)
     assert t.stop == (t.end.strip(), t.header.split("{role}")[0])
 
+
+def test_chat_says_once_when_template_overrides_the_one_the_checkpoint_records(tmp_path, capsys, monkeypatch):
+    """`lmforge chat --template X` on a checkpoint fine-tuned with another template switched formats without a
+    word: one notice names both (recorded, asked); none when they agree or nothing is asked."""
+    import lmforge as lf
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.cli import chat as chat_cli
+
+    specials = lf.Tokenizer({i: bytes([i]) for i in range(256)}, [],
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    ckpt = save_checkpoint(tmp_path / "sft", 1, tiny_model("llama", vocab_size=259), tokenizer=specials,
+                           extra={"chat_template": "chatml"})
+    monkeypatch.setattr(chat_cli, "chat_loop", lambda llm, cfg, **kw: [])  # no terminal: the setup is what is tested
+    assert chat_cli.main(["--checkpoint", str(ckpt), "--template", "plain", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("chat template") == 1
+    assert f"({ckpt} was fine-tuned with chat template 'chatml'; using --template plain as asked)\n" in out
+    assert "lmforge chat: template plain;" in out
+    for argv in (["--template", "chatml"], []):
+        assert chat_cli.main(["--checkpoint", str(ckpt), "--max-tokens", "8", *argv]) == 0
+        out = capsys.readouterr().out
+        assert "fine-tuned with" not in out and "lmforge chat: template chatml;" in out
+    jinja = JinjaTemplate(name="hf's own", source="{{ messages }}")  # a HF checkpoint's own template
+    assert chat_cli.overridden("hf", "chatml", jinja) == "hf has a chat template of its own (HF Jinja); using " \
+                                                         "--template chatml as asked"

@@ -30,6 +30,17 @@ V = TypeVar("V")
 SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """the short dtype names options take (--dtype bf16, ref_dtype='bf16') -> torch's (lmforge.model.hf.float_dtype)"""
 
+NAMES = "names"
+"""dataclass field metadata key of a field holding a tuple of names (names_field)"""
+
+
+def names_field(default: tuple[str, ...] | None) -> Any:
+    """A config field holding a tuple of names (module-name patterns, registry keys), none of which holds a comma:
+    on the command line its values are given apart or comma-separated (`--lora.targets wq wv` or `--lora.targets
+    wq,wv`: lmforge.cli.common.split_names). Free text and paths (stop strings, prompts, data files) are plain
+    tuple fields, whose values may hold commas."""
+    return dataclasses.field(default=default, metadata={NAMES: True})
+
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)

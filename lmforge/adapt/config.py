@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from lmforge.config import coerce_fields
+from lmforge.config import coerce_fields, names_field
 from lmforge.errors import ConfigError
 
 
@@ -19,9 +19,10 @@ class LoRAConfig:
     """the update is scaled by alpha / r (alpha / sqrt(r) with rslora)"""
     dropout: float = 0.0
     """dropout on the adapter's input (PEFT's lora_dropout)"""
-    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
-    """module-name patterns of the nn.Linear layers to adapt"""
-    trainable: tuple[str, ...] = ()
+    targets: tuple[str, ...] = names_field(("wq", "wk", "wv", "wo"))
+    """module-name patterns of the nn.Linear layers to adapt (on the command line `--lora.targets wq wv` or
+    `wq,wv`)"""
+    trainable: tuple[str, ...] = names_field(())
     """module-name patterns of modules kept fully trainable (e.g. a classification head: "head")"""
     rslora: bool = False
     """rank-stabilised scale alpha / sqrt(r)"""

@@ -94,6 +94,47 @@ def bare_bools(cls: type, argv: list[str]) -> list[str]:
     return out
 
 
+def _name_lists(cls: type, prefix: str = "") -> set[str]:
+    """Dotted names of the fields holding tuples of names (lmforge.config.names_field), at any depth."""
+    import dataclasses
+    import typing
+
+    from lmforge.config import NAMES
+
+    out: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _field_type(hints[f.name])
+        if f.metadata.get(NAMES):
+            out.add(prefix + f.name)
+        elif dataclasses.is_dataclass(tp):
+            out |= _name_lists(tp, f"{prefix}{f.name}.")
+    return out
+
+
+def split_names(cls: type, argv: list[str]) -> list[str]:
+    """The values of an option holding names (lmforge.config.names_field: --lora.targets, --model.layer_types,
+    --optimizers, ...) split at commas, so `--lora.targets wq,wv` (or `--lora.targets=wq,wv`) is `--lora.targets wq
+    wv`; tyro read "wq,wv" as one module-name pattern, which matched no layer. A name never holds a comma; other
+    lists (stop strings, prompts, paths) keep their values whole."""
+    names = _name_lists(cls)
+    out, inside = [], False
+    for a in argv:
+        if a.startswith("--"):
+            flag, eq, value = a.partition("=")
+            inside = flag[2:].replace("-", "_") in names
+            if inside and eq:
+                out += [flag, *(p for p in value.split(",") if p)] if value.strip(",") else [a]
+                inside = False
+            else:
+                out.append(a)
+        elif inside and a.strip(","):
+            out += [p for p in a.split(",") if p]
+        else:
+            out.append(a)
+    return out
+
+
 def _section_types(cls: type) -> dict[str, tuple[type, bool]]:
     """Top-level fields of `cls` that are config sections: name -> (dataclass, whether it defaults to None)."""
     import dataclasses
@@ -283,7 +324,8 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
     if open_sections(cls, argv, data) or path is not None:
         default = from_dict(cls, {**_required_flags(cls, argv), **data}, base=default)
     with _help_registry(), _joined_field_help(), _values_refused_in_one_line(prog):
-        return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
+        return tyro.cli(cls, args=bare_bools(cls, split_names(cls, argv)), prog=prog, description=description,
+                        default=default,
                         config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands,
                                 # a comment above a group of fields is a section label, not a field's help
                                 tyro.conf.HelptextFromCommentsOff))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from lmforge.cli.common import parse_config, run_group
-from lmforge.config import check
+from lmforge.config import check, names_field
 from lmforge.errors import ConfigError
 from lmforge.utils import check_output_path
 
@@ -29,8 +29,8 @@ class TrainArgs:
     """special tokens, kept whole: never split into bytes or merged"""
     pattern: str = "gpt2"
     """'gpt2', 'cl100k', 'o200k' or a custom pre-tokenization regex"""
-    export: tuple[Literal["hf", "gpt2", "tiktoken"], ...] = ()
-    """also write these formats into --out"""
+    export: tuple[Literal["hf", "gpt2", "tiktoken"], ...] = names_field(())
+    """also write these formats into --out (apart or comma-separated: --export hf gpt2, --export hf,gpt2)"""
     workers: Optional[int] = None
     """worker processes (None = every core)"""
     progress: bool = True

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from lmforge.config import check, coerce_fields
+from lmforge.config import check, coerce_fields, names_field
 
 GLU_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "swiglu_oss")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "relu2", *GLU_ACTIVATIONS)
@@ -270,9 +270,9 @@ class ModelConfig:
     """attention-logit soft-capping c·tanh(s/c) (Gemma 2); 0 disables"""
     sliding_window: int = 0
     """keys further back than this many positions (query included) are masked on 'sliding' layers"""
-    layer_types: tuple[str, ...] | None = None
-    """per-layer 'full' | 'sliding'; None means all 'sliding' when sliding_window > 0 (Mistral), else all
-    'full'; alternate them for Gemma 2 / gpt-oss"""
+    layer_types: tuple[str, ...] | None = names_field(None)
+    """per-layer 'full' | 'sliding' (on the command line apart or comma-separated); None means all 'sliding' when
+    sliding_window > 0 (Mistral), else all 'full'; alternate them for Gemma 2 / gpt-oss"""
     attn_sinks: bool = False
     """a learned per-head sink logit in every softmax denominator (gpt-oss)"""
     attn_impl: Literal["sdpa", "math", "triton"] = "sdpa"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lmforge.config import check, coerce_fields
+from lmforge.config import check, coerce_fields, names_field
 from lmforge.errors import DataError
 from lmforge.utils import write_json_atomic
 
@@ -39,8 +39,8 @@ DEFAULT_LR = {"adamw": 3e-3, "torch_adamw": 3e-3, "lion": 1e-3, "adafactor": 3e-
 
 @dataclass(frozen=True, kw_only=True)
 class OptimBenchConfig:
-    optimizers: tuple[str, ...] = ("adamw", "lion", "adafactor", "shampoo", "soap", "muon", "dion")
-    """optimizers to compare (keys of lmforge.optim.OPTIMIZERS)"""
+    optimizers: tuple[str, ...] = names_field(("adamw", "lion", "adafactor", "shampoo", "soap", "muon", "dion"))
+    """optimizers to compare (keys of lmforge.optim.OPTIMIZERS; apart or comma-separated)"""
     depth: int = 2
     """model = ModelConfig.from_depth(depth) with a byte vocabulary (257)"""
     seq_len: int = 64

@@ -23,7 +23,8 @@ class LoRAConfig:
     """module-name patterns of the nn.Linear layers to adapt (on the command line `--lora.targets wq wv` or
     `wq,wv`)"""
     trainable: tuple[str, ...] = names_field(())
-    """module-name patterns of modules kept fully trainable (e.g. a classification head: "head")"""
+    """module-name patterns of modules kept fully trainable, beside the model's own task head (a reward model's
+    "head", a critic's "value_head": always trained in full, as PEFT does for a sequence classifier)"""
     rslora: bool = False
     """rank-stabilised scale alpha / sqrt(r)"""
     dora: bool = False

@@ -190,7 +190,10 @@ def _refuse_rank(model: nn.Module, targets: list[str], r: int) -> None:
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """In place: every nn.Linear (or other linear_like layer: a quantized Linear, for QLoRA) matching
     cfg.targets becomes a LoRALinear (not the parts inside a quantized layer: outer_layers); every other
-    parameter is frozen except those of modules matching cfg.trainable. Returns the model. Refuses a pattern
+    parameter is frozen except those of modules matching cfg.trainable and of the model's task heads (its
+    `task_heads`, module names: a reward model's or critic's scalar head, new weights for its task, trains in
+    full, as PEFT trains a sequence classifier's score head, which its SEQ_CLS task adds to modules_to_save;
+    a task head that is itself a target gets its adapter instead). Returns the model. Refuses a pattern
     that matches nothing, a tied target weight, a layer the adapter cannot wrap (DoRA over a quantized base)
     and a model that already has adapters; a refused call leaves the model as it was."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
@@ -214,7 +217,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
             p.requires_grad_(flag)
         raise
     model.requires_grad_(False)
-    for name in kept:
+    heads = [n for n in getattr(model, "task_heads", ()) if n not in built]
+    for name in dict.fromkeys([*kept, *heads]):
         model.get_submodule(name).requires_grad_(True)
     for name, wrapped in built.items():
         replace_module(model, name, wrapped)

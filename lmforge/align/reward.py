@@ -39,6 +39,10 @@ class SequenceHead(nn.Module):
     """backbone (a Transformer: .hidden(), .final_norm, .cfg.d_model) + Linear(d_model, out_dim).
     train_backbone=False freezes the backbone (head-only fine-tuning; it runs without autograd)."""
 
+    task_heads = ("head",)
+    """the module this model adds for its task: new weights that apply_lora leaves trainable in full (a run
+    continuing a reward model with [lora] goes on training its head, as PEFT trains a classifier's score head)"""
+
     def __init__(self, backbone: nn.Module, out_dim: int = 1, *, train_backbone: bool = True):
         super().__init__()
         if not hasattr(backbone, "hidden"):

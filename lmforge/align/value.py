@@ -25,8 +25,9 @@ instead, since its loss needs scores that differ from the start.
 Both kinds are heads on a backbone (`.backbone`, `head_record()` kind "value"), like a reward model, so
 lmforge.checkpoint writes and loads them (full, or adapter-only over a base: the head is trainable, so it is
 saved with the adapters), FSDP shards the backbone's blocks, and the Trainer's optimizer holds the head as a
-submodule parameter. With LoRA, apply_lora to the backbone before wrapping it (the fresh head then trains),
-or name "value_head" in LoRAConfig.trainable; the KL reference is then BaseReference(ac.backbone).
+submodule parameter. With LoRA, apply_lora to the backbone before wrapping it or to the wrapped model: the
+head trains either way (its `task_heads`, which apply_lora leaves trainable); the KL reference is then
+BaseReference(ac.backbone).
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class ValueModel(nn.Module):
     every position. forward(ids) = values(ids): (B, T) fp32. train_backbone=False freezes the backbone (the
     head alone trains; the trunk runs without autograd). Its LM head is carried along unused and frozen (the
     checkpoint stays a Transformer's: freeze_unread), as a reward model's is."""
+
+    task_heads = ("value_head",)
+    """new weights for its task, trained in full under apply_lora (as SequenceHead.task_heads)"""
 
     def __init__(self, backbone: nn.Module, *, train_backbone: bool = True):
         super().__init__()
@@ -189,6 +193,9 @@ class PolicyWithValue(_PolicyFront):
     head reads the same final hidden state. policy_and_values(ids) gives (logits, values) from one trunk
     forward; values(ids) runs the trunk without the LM head."""
 
+    task_heads = ("value_head",)
+    """new weights for its task, trained in full under apply_lora (as SequenceHead.task_heads)"""
+
     def __init__(self, policy: nn.Module):
         super().__init__()
         _check_backbone(policy, "PolicyWithValue", shared=True)
@@ -241,6 +248,9 @@ class PolicyAndCritic(_PolicyFront):
     PPO objective serves both kinds. `.backbone` is the policy; the critic's config travels in the head
     record, so lmforge.checkpoint.load_model rebuilds both. The KL reference is a copy of `.backbone`
     (or BaseReference(model.backbone) for a LoRA policy)."""
+
+    task_heads = ("critic.value_head",)
+    """the critic's head, trained in full under apply_lora (ValueModel.task_heads)"""
 
     def __init__(self, policy: nn.Module, critic: ValueModel):
         super().__init__()

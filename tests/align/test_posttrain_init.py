@@ -67,6 +67,9 @@ def test_a_reward_model_goes_on_training_from_a_reward_model_with_its_trained_he
                            max_steps=2, plot=False))
     adapted = ckpt.load_model(tmp_path / "d")[0]
     assert type(adapted) is SequenceHead and type(adapted.backbone) is Transformer
+    # [lora] goes on training the reward head (apply_lora keeps a task head trainable; it stayed frozen unless
+    # trainable = ["head"] was given), beside the adapters
+    assert not torch.equal(adapted.head.weight, saved["head.weight"])
 
 
 def test_a_run_dir_of_another_objective_is_refused(base, reward_model, tmp_path):

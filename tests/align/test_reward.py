@@ -136,3 +136,28 @@ def test_a_records_margin_reaches_the_loss(tmp_path):
     want = -torch.nn.functional.logsigmoid(r_c - r_r - torch.tensor([3.0, 0.5])).mean()
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)
     assert loss.item() > -torch.nn.functional.logsigmoid(r_c - r_r).mean().item() + 0.5  # the margins count
+
+
+def test_lora_on_a_reward_model_or_critic_keeps_its_task_head_trainable():
+    """apply_lora on a SequenceHead froze its head unless trainable=("head",) was given: a run continuing a reward
+    model with [lora] trained adapters under a fixed, untrained-for-them head. A head is new, task-specific weights
+    (PEFT's SEQ_CLS task adds the score head to modules_to_save): it trains in full, and the adapter checkpoint
+    holds it; a task head named as a LoRA target gets its adapter instead, its base weight frozen."""
+    from lmforge.adapt.lora import LoRAConfig, LoRALinear, apply_lora, lora_state_dict
+    from lmforge.align.value import PolicyAndCritic, PolicyWithValue, ValueModel
+
+    cfg = LoRAConfig(r=2, targets=("wq", "wv"))
+    rm = apply_lora(SequenceHead(tiny_model(0)), cfg)
+    trained = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trained
+    assert trained - {"head.weight", "head.bias"} == {n for n in trained if n.endswith(("lora_A", "lora_B"))}
+    assert {"head.weight", "head.bias"} <= set(lora_state_dict(rm, cfg))
+    rm.train()
+    RewardObjective().loss(rm, pair_batch(B=3))[0].backward()
+    assert rm.head.weight.grad is not None and rm.head.weight.grad.abs().sum() > 0
+    targeted = apply_lora(SequenceHead(tiny_model(0)), LoRAConfig(r=1, targets=("wq", "head")))
+    assert isinstance(targeted.head, LoRALinear) and not targeted.head.weight.requires_grad
+    for model, head in [(ValueModel(tiny_model(0)), "value_head"), (PolicyWithValue(tiny_model(0)), "value_head"),
+                        (PolicyAndCritic(tiny_model(0), ValueModel(tiny_model(1))), "critic.value_head")]:
+        apply_lora(model, cfg)
+        assert all(p.requires_grad for p in model.get_submodule(head).parameters()), type(model).__name__

@@ -180,7 +180,18 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
     the one the checkpoint records (config.json "dtype": what the model computed in when saved; float32 for one written
     before it was recorded), a HF directory's own, a PEFT adapter's base's. Quantized layers' integer codes keep
     their dtype; the float parts of their shells are built in it (base_shell's dtype=), and LoRA adapters are
-    fp32 over a half-precision model, as when they were trained (lmforge.adapt.lora)."""
+    fp32 over a half-precision model, as when they were trained (lmforge.adapt.lora).
+
+    Loading draws nothing from the caller's random generator (as transformers' from_pretrained, which skips the
+    initialisation the file's weights replace): building the layers draws their random initial weights, as many
+    as the format builds (a PEFT adapter's base and LoRA layers, or its merged export's one model), so a seeded run
+    whose NEFTune noise, dropout or fresh head drew after it depended on how its init was stored (an SFT run from a
+    PEFT adapter and one from its merged export differed, found 2026-12-07)."""
+    with torch.random.fork_rng(devices=[]):  # (the CPU generator: every model is built there, then moved)
+        return _load_model(path, device, tokenizer, base=base, dtype=dtype)
+
+
+def _load_model(path, device: str, tokenizer: bool, *, base, dtype):
     from lmforge.adapt.peft_format import is_peft_dir, load_peft
     from lmforge.model.hf import float_dtype
     from lmforge.model.registry import build_model  # the class model.arch names (a Transformer unless registered)

@@ -144,3 +144,34 @@ def test_loss_mask_may_be_absent_or_integer(loss):
     got, _ = obj.loss(Fixed(logits), part)
     expect, _ = obj.loss(Fixed(logits), {**batch, "loss_mask": part["loss_mask"].bool()})
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+
+def test_neftune_noise_is_the_same_from_a_peft_adapter_and_its_merged_export(tmp_path):
+    """NEFTune's noise is random (HF's hook's draws from the global generator), fixed by the run's seed. What
+    differed between an SFT run from a PEFT adapter and one from its merged export was where the generator stood:
+    loading drew the random initial weights of every layer it built (the adapter's base and LoRA layers, the
+    export's one model) before the file's replaced them. load_model now draws nothing from the caller's generator,
+    so the same seed gives the same noise and the same loss (neither the scale nor the embedding differed)."""
+    from lmforge.adapt.lora import LoRAConfig, lora_layers, merge_lora
+    from lmforge.checkpoint import load_model
+    from lmforge.cli import main
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    from ..test_export import adapted, lora_run, tiny  # (transformers and peft, or skipped)
+    from .helpers import sequences
+
+    tok, lora = ByteTokenizer(), LoRAConfig(r=2, targets=("wq", "wv"))
+    lora_run(tmp_path / "run", adapted(tiny(tok.vocab_size), lora), tok, lora)
+    for out, flags in (("peft", ["--adapter"]), ("merged", [])):
+        assert main(["export", str(tmp_path / "run"), str(tmp_path / out), "--template", "plain", *flags]) == 0
+    batch = sequences(2, 16, tok.vocab_size, [3, 4], seed=0)
+    losses = {}
+    for name in ("peft", "merged"):
+        torch.manual_seed(0)
+        before = torch.random.get_rng_state()
+        model = load_model(tmp_path / name, tokenizer=False)[0]
+        assert torch.equal(torch.random.get_rng_state(), before), name  # loading drew nothing
+        if lora_layers(model):  # (as a post-training run starts from an init holding adapters: start_model)
+            merge_lora(model)
+        losses[name] = SFTObjective(SFTConfig(neftune_alpha=5.0)).loss(model.train(), batch)[0]
+    torch.testing.assert_close(losses["peft"], losses["merged"], rtol=0, atol=1e-5)

@@ -103,8 +103,9 @@ def _frozen_model(path: str, role: str, device: str, tok=None, dtype: str | None
 def lora_under_head(lora: LoRAConfig | None, model: torch.nn.Module) -> LoRAConfig | None:
     """[lora] for a language model that the objective's head (`ObjectiveSpec.wrap`, a SequenceHead) is put on after
     the adapters: that head is new and trains in full, so a trainable pattern naming it alone (`trainable =
-    ["head"]`, as apply_lora on a SequenceHead and a run continuing a reward model take it) is met, not refused as
-    matching no module of the language model (`lmforge rm --lora.trainable head` was, found 2026-12-07)."""
+    ["head"]`, which apply_lora on a SequenceHead takes but no longer needs: a model's `task_heads` train under LoRA)
+    is met, not refused as matching no module of the language model (`lmforge rm --lora.trainable head` was, found
+    2026-12-07)."""
     import dataclasses
 
     from lmforge.model.surgery import matches

@@ -55,19 +55,39 @@ def _field_type(tp) -> tuple[type, bool]:
     return tp, False
 
 
-def _bool_flags(cls: type, prefix: str = "") -> set[str]:
-    """Names of the bool options of a config, nested ones as 'section.name' (and bare, for flattened ones)."""
+def _options(cls: type, prefix: str = "") -> dict[str, type]:
+    """Every option tyro makes of a config, spelled as `--help` shows it (`--model.n-layers`; a section marked
+    tyro.conf.OmitArgPrefixes adds no prefix: sampling's `--temperature`) -> the type it holds. Positional arguments
+    are left out, and so are lists of tables (`[[data.sources]]`) and of functions; the options of a section that
+    defaults to None are in (a flag of one opens it: open_sections)."""
+    import collections.abc
     import dataclasses
     import typing
 
-    out: set[str] = set()
-    for name, tp in typing.get_type_hints(cls).items():
-        tp, _ = _field_type(tp)
-        if tp is bool:
-            out |= {prefix + name, name}
-        elif dataclasses.is_dataclass(tp):
-            out |= _bool_flags(tp, f"{prefix}{name}.")
+    import tyro
+
+    out: dict[str, type] = {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        marks = getattr(hints[f.name], "__metadata__", ())
+        if tyro.conf.Positional in marks:
+            continue
+        tp, _ = _field_type(hints[f.name])
+        name = f.name.replace("_", "-")
+        if any(dataclasses.is_dataclass(a) or typing.get_origin(a) is collections.abc.Callable
+               for a in typing.get_args(tp)):  # (a list of tables, TOML only, or of functions: tyro makes no flag)
+            continue
+        if dataclasses.is_dataclass(tp):
+            out |= _options(tp, prefix if tyro.conf.OmitArgPrefixes in marks else f"{prefix}{name}.")
+        else:
+            out[f"--{prefix}{name}"] = tp
     return out
+
+
+def _bool_flags(cls: type) -> set[str]:
+    """Names of the bool options of a config, nested ones as 'section.name' (and bare, for flattened ones)."""
+    names = {flag[2:].replace("-", "_") for flag, tp in _options(cls).items() if tp is bool}
+    return names | {name.rsplit(".", 1)[-1] for name in names}
 
 
 def bare_bools(cls: type, argv: list[str]) -> list[str]:
@@ -271,30 +291,6 @@ def _joined_field_help():
         _strings.remove_single_line_breaks = original
 
 
-@contextmanager
-def _values_refused_in_one_line(prog: str):
-    """A value the config refuses (max_steps 0: its check, or 'abc' for an int) is a ConfigError, which `lmforge`
-    prints as one line naming the flag; tyro drew a box around it (the same key in a TOML file was one line).
-    Through tyro's parse-error hook (tyro._errors.on_parse_error, in the tyro the project requires; without it, its
-    box as before); the
-    other parse errors (an unknown flag, a missing value) keep tyro's message, which lists what it expected."""
-    try:
-        from tyro._errors import InstantiationFailure, on_parse_error
-    except ImportError:
-        yield
-        return
-
-    def refuse(event) -> None:
-        if not isinstance(event, InstantiationFailure):
-            return
-        flags = getattr(getattr(event.argument, "lowered", None), "name_or_flags", None)
-        where = f"{'/'.join(flags)}: " if flags else ""
-        raise ConfigError(f"{where}{event.message} ({prog} --help lists the options)")
-
-    with on_parse_error(refuse):
-        yield
-
-
 def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
                  default: T | None = None, config_file: bool = True) -> T:
     """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
@@ -303,6 +299,7 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
 
     import tyro
 
+    from lmforge.cli.parse_errors import parse_errors_in_one_line
     from lmforge.config import from_dict, read_config_file
 
     path, data = None, {}
@@ -323,9 +320,10 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
             for n, tp in optional.items())
     if open_sections(cls, argv, data) or path is not None:
         default = from_dict(cls, {**_required_flags(cls, argv), **data}, base=default)
-    with _help_registry(), _joined_field_help(), _values_refused_in_one_line(prog):
-        return tyro.cli(cls, args=bare_bools(cls, split_names(cls, argv)), prog=prog, description=description,
-                        default=default,
+    argv = split_names(cls, argv)
+    with _help_registry(), _joined_field_help(), parse_errors_in_one_line(
+            cls, argv, prog, extra=("--config",) * config_file):
+        return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
                         config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands,
                                 # a comment above a group of fields is a section label, not a field's help
                                 tyro.conf.HelptextFromCommentsOff))

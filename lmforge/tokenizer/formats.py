@@ -1,7 +1,7 @@
 """Byte-level BPE file formats other tools use: GPT-2's `vocab.json` + `merges.txt` and tiktoken's rank files.
 Each reader returns the arguments of `lmforge.tokenizer.bpe.Tokenizer` ((vocab, merges, specials, pattern)); each
 writer takes a Tokenizer. Hugging Face's `tokenizer.json` is in hf_json.py, which writes token bytes with the tables
-and codecs here.
+and codecs here (its names, which lived here before, still import from here: MOVED_TO_HF_JSON).
 
 GPT-2 and HF store token bytes as printable unicode strings: every byte value is mapped to one
 character (printable Latin-1 bytes to themselves, the rest to U+0100 onwards), so a byte string
@@ -273,3 +273,23 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> Merges:
                             f"lower-ranked tokens")
         merges.append((rank, parts[0], parts[1]))
     return [(a, b) for _, a, b in sorted(merges)]
+
+
+MOVED_TO_HF_JSON = ("HF_CONFIG", "NORMAL_FORMS", "hf_added_ids", "hf_added_tokens", "hf_eos_token", "hf_tokenizer_json",
+                    "is_sentencepiece", "oniguruma_pattern", "read_hf", "write_hf", "write_hf_config")
+"""the HF tokenizer.json names this module held before hf_json.py split out of it (2026-12-07): user code importing
+them from here still finds them (module __getattr__ below)"""
+
+
+def __getattr__(name: str):
+    """A name that moved to hf_json.py, read from there when asked for (hf_json imports this module, so importing it
+    at the top would be a cycle)."""
+    if name in MOVED_TO_HF_JSON:
+        from lmforge.tokenizer import hf_json
+
+        return getattr(hf_json, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *MOVED_TO_HF_JSON])

@@ -393,3 +393,26 @@ def test_hf_post_processor_that_is_not_read_is_refused(tmp_path, tok):
         Tokenizer.from_hf(_with_post_processor(tmp_path, tok, bad, ["<|begin_of_text|>"]))
     with pytest.raises(DataError, match="post_processor 'Mystery' is not supported"):
         Tokenizer.from_hf(_with_post_processor(tmp_path, tok, {"type": "Mystery"}, []))
+
+
+MOVED = ("HF_CONFIG", "NORMAL_FORMS", "hf_added_ids", "hf_added_tokens", "hf_eos_token", "hf_tokenizer_json",
+         "is_sentencepiece", "oniguruma_pattern", "read_hf", "write_hf", "write_hf_config")
+
+
+def test_the_hf_json_names_still_import_from_formats():
+    """The split of HF tokenizer.json into hf_json.py (2026-12-07) left `from lmforge.tokenizer.formats import read_hf`
+    an ImportError in user code: every public name that moved is still there (the same object, read lazily: hf_json
+    imports formats, so formats importing it back at the top is a cycle), and dir() lists it."""
+    import subprocess
+    import sys
+
+    from lmforge.tokenizer import formats, hf_json
+
+    assert {name: getattr(formats, name) is getattr(hf_json, name) for name in MOVED} == dict.fromkeys(MOVED, True)
+    assert set(MOVED) <= set(dir(formats)) and "read_gpt2" in dir(formats)
+    with pytest.raises(AttributeError, match="has no attribute 'read_hff'"):
+        formats.read_hff  # noqa: B018
+    first = ("import sys; from lmforge.tokenizer.formats import read_hf, HF_CONFIG; "
+             "print(read_hf.__module__, HF_CONFIG)")  # (formats imported first, in a fresh interpreter: no cycle)
+    r = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "lmforge.tokenizer.hf_json tokenizer_config.json\n"), r.stderr

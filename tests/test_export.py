@@ -879,3 +879,22 @@ def test_an_export_never_replaces_a_base_the_checkpoint_is_loaded_over(tmp_path,
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'peft' / 'base'))} holds .*, the base model "):
         export(ExportConfig(checkpoint=str(tmp_path / "peft"), out=str(tmp_path / "peft" / "base"), force=True))
     export(ExportConfig(checkpoint=str(tmp_path / "second"), out=str(tmp_path / "peft"), adapter=True, force=True))
+
+
+def test_a_hf_directory_whose_config_has_a_base_key_is_no_adapter_checkpoint(tmp_path, tok):
+    """export read a checkpoint's recorded base from config.json by hand, where load_model reads it through
+    checkpoint.recorded_base (an lmforge checkpoint's only): a HF directory whose config.json has a "base" key was
+    taken for an adapter-only checkpoint loaded over that path, and an export replacing that directory was refused.
+    Export reads it through recorded_base too: the two no longer disagree."""
+    from lmforge.checkpoint import recorded_base
+    from lmforge.cli.export import bases
+
+    tiny(tok.vocab_size).save_pretrained(tmp_path / "hf")
+    tiny(tok.vocab_size, seed=1).save_pretrained(tmp_path / "other")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "base": {"path": str(tmp_path / "other")}}))
+    assert recorded_base(tmp_path / "hf") is None and bases(tmp_path / "hf", None) == []
+    export(ExportConfig(checkpoint=str(tmp_path / "hf"), out=str(tmp_path / "other"), force=True))
+    ids = ids_for(tok.vocab_size)
+    assert torch.equal(logits(Transformer.from_pretrained(tmp_path / "other"), ids),
+                       logits(Transformer.from_pretrained(tmp_path / "hf"), ids))

@@ -289,13 +289,13 @@ def stored_dtype(ckpt: Path, model):
     from safetensors import safe_open
 
     from lmforge.adapt.lora import adapter_names
-    from lmforge.checkpoint import is_hf_dir
+    from lmforge.checkpoint import is_hf_dir, recorded_base
     from lmforge.model.hf import SAFETENSORS_DTYPES
 
     counts: Counter = Counter()
     adapters = adapter_names(model)  # (the checkpoint's tensors are named as the model's)
     own = not is_hf_dir(ckpt) and (ckpt / "config.json").is_file()  # (a PEFT directory: its base's)
-    if own and not json.loads((ckpt / "config.json").read_text()).get("base"):
+    if own and not recorded_base(ckpt):
         with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
             counts.update(f.get_slice(k).get_dtype() for k in f.keys() if k not in adapters)  # noqa: SIM118
     stored = [d for d, _ in counts.most_common() if d in SAFETENSORS_DTYPES]

@@ -90,7 +90,8 @@ def _missing(cls: type, prog: str, args: list) -> str:
     """`missing OUT: PROG CKPT OUT --FLAG METAVAR [options]` for tyro's missing required arguments."""
     names = [a.lowered.metavar if a.is_positional() else a.lowered.name_or_flags[0] for a in args]
     flags = [f"{a.lowered.name_or_flags[0]} {a.lowered.metavar}" for a in args if not a.is_positional()]
-    return f"missing {' and '.join(names)}: {' '.join([prog, *_positionals(cls), *flags, '[options]'])}"
+    listed = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    return f"missing {listed}: {' '.join([prog, *_positionals(cls), *flags, '[options]'])}"
 
 
 def _refused_value(message: str) -> str:
@@ -130,8 +131,11 @@ def parse_errors_in_one_line(cls: type, argv: list[str], prog: str, extra: tuple
             return f"{unknown}; and {missing}" if unknown else missing
         if isinstance(event, events.BadValue):
             flag, lowered = event.argument.display_name(), event.argument.lowered
-            if event.argument.is_positional():  # (a positional with no token left for it: tyro's "Missing value")
-                return _missing(cls, prog, [event.argument])
+            if event.argument.is_positional():  # (no token left for it: tyro's "Missing value"; it names no flag)
+                unknown = _unrecognized([a for a in argv if _is_flag(a) and _spelled(a.split("=", 1)[0]) not in
+                                         options], options, argv, bools)
+                missing = _missing(cls, prog, [event.argument])
+                return f"{unknown}; and {missing}" if unknown else missing
             if event.reason == "too_few_values":
                 n = lowered.nargs if isinstance(lowered.nargs, int) else 1
                 return f"{flag} needs {'a value' if n == 1 else f'{n} values'}: {flag} {lowered.metavar}"

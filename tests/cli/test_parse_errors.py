@@ -49,13 +49,15 @@ def test_a_flag_without_its_value_is_one_line(argv, line, capsys):
     (["export", "runs/demo"], "missing OUT: lmforge export CKPT OUT [options]"),
     (["export"], "missing CKPT and OUT: lmforge export CKPT OUT [options]"),
     (["data", "run"], "missing PIPELINE.toml: lmforge data run PIPELINE.toml [options]"),
+    (["data", "train-classifier"], "missing --positive, --negative and --out: lmforge data train-classifier "
+                                   "--positive [STR [STR ...]] --negative [STR [STR ...]] --out STR [options]"),
     (["sample", "--chekpoint", "x"], "unknown option --chekpoint; did you mean --checkpoint?; and missing "
                                      "--checkpoint: lmforge sample --checkpoint STR [options]"),
 ])
 def test_a_missing_required_argument_is_one_line_with_the_usage(argv, line, capsys):
     """tyro's 'Required options' box ('Missing from lmforge export: CKPT ... OUT ...'): one line naming what is
     missing and the usage that gives it; beside an unknown flag (the typo of the required one), both."""
-    prog = "lmforge data run" if argv[0] == "data" else f"lmforge {argv[0]}"
+    prog = " ".join(["lmforge", *argv[:2]]) if argv[0] == "data" else f"lmforge {argv[0]}"
     assert said(argv, capsys) == [f"lmforge {argv[0]}: error: {line} ({prog} --help lists the options)", DEBUG]
 
 
@@ -79,8 +81,9 @@ def test_the_installed_command_prints_no_box():
     r = subprocess.run([sys.executable, "-m", "lmforge", "export", "runs/demo", "--adaptr"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.splitlines() == ["lmforge export: error: missing OUT: lmforge export CKPT OUT [options] (lmforge "
-                                     "export --help lists the options)", DEBUG]
+    assert r.stderr.splitlines() == ["lmforge export: error: unknown option --adaptr; did you mean --adapter?; and "
+                                     "missing OUT: lmforge export CKPT OUT [options] (lmforge export --help lists the "
+                                     "options)", DEBUG]
 
 
 @dataclasses.dataclass(frozen=True)

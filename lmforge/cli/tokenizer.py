@@ -32,7 +32,7 @@ class TrainArgs:
     export: tuple[Literal["hf", "gpt2", "tiktoken"], ...] = names_field(())
     """also write these formats into --out (apart or comma-separated: --export hf gpt2, --export hf,gpt2)"""
     workers: Optional[int] = None
-    """worker processes (None = every core)"""
+    """worker processes (None = one per core, 8 at most)"""
     progress: bool = True
     """progress bars on stderr"""
 

@@ -221,6 +221,10 @@ def _call(fn_task):
     return fn(task)
 
 
+MAX_DEFAULT_WORKERS = 8
+"""worker processes pre-token counting takes when none are asked for: one per core, this many at most"""
+
+
 def count_pretokens(source, pat: str, specials: tuple[str, ...], workers: int | None = None,
                     progress: bool = False) -> tuple[Counter, dict]:
     """Pre-token counts over files (paths) or an iterable of texts, with worker processes. `progress`: a bar of the
@@ -229,7 +233,7 @@ def count_pretokens(source, pat: str, specials: tuple[str, ...], workers: int | 
     from tqdm.auto import tqdm
 
     tasks, total = _tasks(source, pat, specials)
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or min(os.cpu_count() or 1, MAX_DEFAULT_WORKERS)
     counts: Counter = Counter()
     stats = {"bytes": 0, "undecodable_bytes": 0}
     with tqdm(total=total, desc="count pre-tokens", unit="B", unit_scale=True, disable=not progress,

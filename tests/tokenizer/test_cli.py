@@ -325,3 +325,28 @@ def test_train_refuses_an_out_holding_exports_it_would_leave_stale(tmp_path, cap
     new = load_tokenizer(out / "lmforge_tokenizer.json").merges
     assert load_tokenizer(out / "tokenizer.json").merges == load_tokenizer(out / "bpe.tiktoken").merges == new
     assert len(new) > 270 - 257
+
+
+def test_tokenizer_train_help_says_how_many_workers_it_takes_by_default(tmp_path, monkeypatch, capsys):
+    """`lmforge tokenizer train --help` said --workers None is "every core"; pre-token counting takes one per core up
+    to 8 (train.MAX_DEFAULT_WORKERS): on 32 cores, 8 workers. The help says what the code does."""
+    from lmforge.tokenizer import train
+
+    class Started(Exception):
+        pass
+
+    def pool(workers):
+        raise Started(workers)
+
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(train, "INLINE_BYTES", 0)  # (the pool even for a small corpus)
+    monkeypatch.setattr(train, "process_pool", pool)
+    (tmp_path / "a.txt").write_text("hello world\n" * 10)
+    with pytest.raises(Started) as started:
+        lmforge_main(["tokenizer", "train", "--input", str(tmp_path / "a.txt"), "--vocab-size", "300", "--out",
+                      str(tmp_path / "t.json"), "--progress", "false"])
+    assert started.value.args == (train.MAX_DEFAULT_WORKERS,) == (8,)
+    with pytest.raises(SystemExit):
+        lmforge_main(["tokenizer", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert f"worker processes (None = one per core, {train.MAX_DEFAULT_WORKERS} at most)" in text

@@ -16,6 +16,7 @@ class RunArgs:
     """Run (or resume) a data pipeline described by a TOML file."""
 
     pipeline: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PIPELINE.toml")]
+    """the pipeline's TOML file: [input], [[stages]] (`lmforge data stages` lists them), [output]"""
     workers: Optional[int] = None
     """overrides the file's `workers`"""
     executor: Optional[Literal["local", "ray"]] = None

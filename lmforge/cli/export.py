@@ -55,7 +55,8 @@ class ExportConfig:
     """HF family to write: llama, mistral, qwen2, qwen3, gemma2, gpt2, ... (default: the one the model's config
     matches, or a HF checkpoint's own)"""
     template: str | None = None
-    """chat template for tokenizer_config.json: chatml, llama3 or plain (default: the one the checkpoint records)"""
+    """chat template for tokenizer_config.json: chatml, llama3 or plain (default: the one the checkpoint records, else
+    a HF checkpoint's own Jinja)"""
     tokenizer: str | None = None
     """tokenizer to write when the checkpoint has none or to replace it: 'byte' or a tokenizer file/directory"""
     base: str | None = None

@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     table = _available()
     if cmd not in table:
-        print(f"lmforge: error: unknown command {cmd!r}; choose one of: {', '.join(table)}", file=sys.stderr)
+        from lmforge.cli.parse_errors import did_you_mean
+
+        print(f"lmforge: error: unknown command {cmd!r}{did_you_mean(cmd, list(table))}; choose one of: "
+              f"{', '.join(table)}", file=sys.stderr)
         return 2
     import warnings
 

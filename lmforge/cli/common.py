@@ -338,8 +338,10 @@ def run_group(group: str, argv: list[str], commands: dict[str, tuple[Callable[[l
         return 0
     sub, rest = argv[0], argv[1:]
     if sub not in commands:
-        print(f"lmforge {group}: error: unknown subcommand {sub!r}; choose one of: {', '.join(commands)}",
-              file=sys.stderr)
+        from lmforge.cli.parse_errors import did_you_mean
+
+        print(f"lmforge {group}: error: unknown subcommand {sub!r}{did_you_mean(sub, list(commands))}; choose one "
+              f"of: {', '.join(commands)}", file=sys.stderr)
         return 2
     return int(commands[sub][0](rest) or 0)
 

@@ -11,20 +11,27 @@ from lmforge.cli.common import _bool_flags, _options
 from lmforge.errors import ConfigError
 
 
-def _near(flag: str, options: list[str]) -> list[str]:
-    """The options tyro's "Perhaps you meant" lists first for an unknown `flag` (its rule, in
-    tyro._backends._tyro_help_formatting.unrecognized_args_error): one ending with the name typed, or holding each of
-    its dotted parts, scores 0.9, any other difflib's ratio; those scoring 0.8 or more, best first (three at most)."""
+def near(typed: str, names: list[str]) -> list[str]:
+    """The names tyro's "Perhaps you meant" lists first for an unknown `typed` (its rule, in
+    tyro._backends._tyro_help_formatting.unrecognized_args_error): one ending with the name typed (dashes aside), or
+    holding each of its dotted parts, scores 0.9, any other difflib's ratio; those scoring 0.8 or more, best first
+    (three at most). Flags are compared as `--help` spells them (`--max-steps`), commands as they are."""
     import difflib
 
-    typed = "--" + flag.lstrip("-").replace("_", "-")
+    bare = typed.lstrip("-")
 
-    def score(option: str) -> float:
-        if option.endswith(typed[2:]) or (len(typed) >= 4 and all(p in option for p in typed[2:].split("."))):
+    def score(name: str) -> float:
+        if name.endswith(bare) or (len(typed) >= 4 and all(p in name for p in bare.split("."))):
             return 0.9
-        return difflib.SequenceMatcher(a=typed, b=option).ratio()
+        return difflib.SequenceMatcher(a=typed, b=name).ratio()
 
-    return [o for s, o in sorted((-score(o), o) for o in options) if -s >= 0.8][:3]
+    return [o for s, o in sorted((-score(o), o) for o in names) if -s >= 0.8][:3]
+
+
+def did_you_mean(typed: str, commands: list[str]) -> str:
+    """' (did you mean 'encode'?)' for a command or subcommand typed wrong; '' where none is near."""
+    close = near(typed, commands)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _is_flag(arg: str) -> bool:
@@ -66,8 +73,8 @@ def _unrecognized(tokens: list[str], options: list[str], argv: list[str], bools:
     for i, token in enumerate(tokens):
         if _is_flag(token):
             flag = token.split("=", 1)[0]
-            near = _near(flag, options)
-            said.append(f"unknown option {flag}" + (f"; did you mean {' or '.join(near)}?" if near else ""))
+            close = near(_spelled("--" + flag.lstrip("-")), options)
+            said.append(f"unknown option {flag}" + (f"; did you mean {' or '.join(close)}?" if close else ""))
         elif not (i and _is_flag(tokens[i - 1]) and "=" not in tokens[i - 1]):
             values.append(token)
     return "; ".join(said + ([_leftover(values, argv, bools)] if values else []))

@@ -144,3 +144,17 @@ def test_the_options_suggested_are_the_ones_tyro_makes(monkeypatch, capsys):
     for prog, parser in parsers.items():
         tyros = {s for a in parser._actions for s in a.option_strings} - {"-h", "--help"}
         assert set(_options(classes[prog])) == tyros, prog
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["tokenizer", "encod"], "lmforge tokenizer: error: unknown subcommand 'encod' (did you mean 'encode'?); choose "
+                             "one of: train, encode, stats"),
+    (["trian"], "lmforge: error: unknown command 'trian' (did you mean 'train'?); choose one of: "),
+    (["frobnicate"], "lmforge: error: unknown command 'frobnicate'; choose one of: "),
+])
+def test_an_unknown_command_or_subcommand_suggests_the_one_meant(argv, line, capsys):
+    """The command and subcommand names are lmforge's, not tyro's: one line already, without the suggestion an
+    unknown flag gets (the same rule, parse_errors.near)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(line)

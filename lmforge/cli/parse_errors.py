@@ -12,20 +12,25 @@ from lmforge.errors import ConfigError
 
 
 def near(typed: str, names: list[str]) -> list[str]:
-    """The names tyro's "Perhaps you meant" lists first for an unknown `typed` (its rule, in
-    tyro._backends._tyro_help_formatting.unrecognized_args_error): one ending with the name typed (dashes aside), or
-    holding each of its dotted parts, scores 0.9, any other difflib's ratio; those scoring 0.8 or more, best first
-    (three at most). Flags are compared as `--help` spells them (`--max-steps`), commands as they are."""
+    """The names nearest an unknown `typed`, by tyro's rule for its "Perhaps you meant" (in
+    tyro._backends._tyro_help_formatting.unrecognized_args_error): a name ending with the one typed (dashes aside), or
+    holding each of its dotted parts, scores 0.9, any name difflib's ratio; those scoring 0.8 or more. Changed here:
+    the score is the higher of the two (tyro's 0.9 hid a closer ratio: `--model.moe.n-expert` put `d-expert` before
+    `n-experts`), ties going to the closer ratio, and only those within 0.05 of the best are kept (three at most); the
+    first rule needs two characters typed (every flag ending in "t" matched `-t`). Flags are compared as `--help`
+    spells them (`--max-steps`), commands as they are."""
     import difflib
 
     bare = typed.lstrip("-")
 
-    def score(name: str) -> float:
-        if name.endswith(bare) or (len(typed) >= 4 and all(p in name for p in bare.split("."))):
-            return 0.9
-        return difflib.SequenceMatcher(a=typed, b=name).ratio()
+    def score(name: str) -> tuple[float, float]:  # (the score, then the ratio: `--lr` ends four optim.*lr flags)
+        ratio = difflib.SequenceMatcher(a=typed, b=name).ratio()
+        rule = len(bare) >= 2 and (name.endswith(bare) or all(p in name for p in bare.split(".")))
+        return max(0.9 * rule, ratio), ratio
 
-    return [o for s, o in sorted((-score(o), o) for o in names) if -s >= 0.8][:3]
+    scored = sorted(((score(o), o) for o in names), key=lambda x: (-x[0][0], -x[0][1], x[1]))
+    best = scored[0][0][0] if scored else 0.0
+    return [o for (s, _), o in scored if s >= max(0.8, best - 0.05)][:3]
 
 
 def did_you_mean(typed: str, commands: list[str]) -> str:
@@ -149,7 +154,7 @@ def parse_errors_in_one_line(cls: type, argv: list[str], prog: str, extra: tuple
             return f"{flag} takes no value, got {event.offending_value!r}"
         if isinstance(event, events.InvalidChoice):
             return (f"{event.argument.display_name()}: invalid choice {event.value!r}; choose one of "
-                    f"{', '.join(event.choices)}")
+                    f"{', '.join(sorted(event.choices))}")  # (sorted as --help lists them: tyro's order varies)
         if isinstance(event, events.MissingSubcommand):
             return f"a subcommand is needed: one of {', '.join(event.subcommand_spec.parser_from_name)}"
         return None

@@ -21,9 +21,13 @@ def said(argv: list[str], capsys) -> list[str]:
 @pytest.mark.parametrize("argv, line", [
     (["sample", "--checkpoint", "x", "--temprature", "0.5"],
      "unknown option --temprature; did you mean --temperature?"),
-    (["sample", "--checkpoint", "x", "--top_kk=5"], "unknown option --top_kk; did you mean --top-k or --top-p?"),
+    (["sample", "--checkpoint", "x", "--top_kk=5"], "unknown option --top_kk; did you mean --top-k?"),
     (["train", "--model.n-layer", "2"], "unknown option --model.n-layer; did you mean --model.n-layers?"),
     (["train", "--confg", "run.toml"], "unknown option --confg; did you mean --config?"),
+    (["train", "--model.moe.n-expert", "8"],
+     "unknown option --model.moe.n-expert; did you mean --model.moe.n-experts or --model.moe.d-expert?"),
+    (["train", "--lr", "0.1"], "unknown option --lr; did you mean --optim.lr or --optim.adam-lr or --optim.head-lr?"),
+    (["sample", "--checkpoint", "x", "-t", "0.5"], "unknown option -t"),
     (["sample", "--checkpoint", "x", "--frobnicate", "1"], "unknown option --frobnicate"),
 ])
 def test_an_unknown_flag_is_one_line_with_tyros_suggestion(argv, line, capsys):
@@ -68,8 +72,10 @@ def test_a_missing_required_argument_is_one_line_with_the_usage(argv, line, caps
      "unexpected values 'upon', 'a' after --prompt Once: --prompt takes one value (quote a value with spaces)"),
     (["sample", "--checkpoint", "x", "--ignore-eos", "maybe"], "--ignore-eos takes true or false, got 'maybe'"),
     (["sample", "--checkpoint", "x", "--logprobs-mode", "rawx"],
-     "--logprobs-mode: invalid choice 'rawx'; choose one of raw, processed"),
+     "--logprobs-mode: invalid choice 'rawx'; choose one of processed, raw"),
     (["sample", "--checkpoint", "x", "--max-tokens", "abc"], "--max-tokens: expected {None}|INT, got 'abc'"),
+    (["sample", "--checkpoint", "x", "--ignore-eos=maybe"], "--ignore-eos: invalid choice 'maybe'; choose one of "
+                                                            "False, True"),
 ])
 def test_a_value_left_over_or_not_offered_is_one_line(argv, line, capsys):
     """A value past a flag's one ('Unrecognized options: 2'), a bool's word tyro does not take, a choice not offered

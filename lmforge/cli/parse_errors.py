@@ -51,23 +51,26 @@ def _spelled(flag: str) -> str:
 def _leftover(values: list[str], argv: list[str], bools: set[str]) -> str:
     """What is wrong with values tyro found no option for, each read where it stands in argv: after a bool flag (a
     word it does not take), or past the one value a flag takes (most often a value with spaces left unquoted)."""
+    def name(arg: str) -> str:  # ('--ignore-eos=x' -> 'ignore_eos', as _bool_flags names it)
+        return arg.split("=", 1)[0][2:].replace("-", "_")
+
     after: dict[int, list[str]] = {}
-    for value in values:
-        at = next((i for i, a in enumerate(argv) if a == value and i and (not _is_flag(argv[i - 1]) or argv[
-            i - 1].split("=", 1)[0][2:].replace("-", "_") in bools)), None)
+    for value in values:  # (where no flag's value: after a value, a --flag=value, or a bool flag bare_bools set)
+        at = next((i for i, a in enumerate(argv) if a == value and i
+                   and (not _is_flag(argv[i - 1]) or "=" in argv[i - 1] or name(argv[i - 1]) in bools)), None)
         flag = None if at is None else next((j for j in range(at - 1, -1, -1) if _is_flag(argv[j])), None)
         after.setdefault(-1 if flag is None else flag, []).append(value)
     said = []
     for j, got in after.items():
-        quoted = ", ".join(repr(v) for v in got)
+        quoted, flag = ", ".join(repr(v) for v in got), _spelled(argv[j].split("=", 1)[0])
         if j < 0:
             said.append(f"unexpected argument{'s' * (len(got) > 1)} {quoted}: options are flags (--name value)")
-        elif argv[j][2:].replace("-", "_") in bools:
-            said.append(f"{_spelled(argv[j])} takes true or false, got {quoted}")
+        elif name(argv[j]) in bools:
+            said.append(f"{flag} takes true or false, got {quoted}")
         else:
             given = " ".join([_spelled(argv[j]), *argv[j + 1:argv.index(got[0], j)]])
-            said.append(f"unexpected value{'s' * (len(got) > 1)} {quoted} after {given}: {_spelled(argv[j])} takes "
-                        "one value" + (" (quote a value with spaces)" if len(got) > 1 else ""))
+            said.append(f"unexpected value{'s' * (len(got) > 1)} {quoted} after {given}: {flag} takes one value"
+                        + (" (quote a value with spaces)" if len(got) > 1 else ""))
     return "; ".join(said)
 
 

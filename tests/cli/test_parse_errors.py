@@ -71,6 +71,7 @@ def test_a_missing_required_argument_is_one_line_with_the_usage(argv, line, caps
     (["sample", "--checkpoint", "x", "--prompt", "Once", "upon", "a", "--seed", "1"],
      "unexpected values 'upon', 'a' after --prompt Once: --prompt takes one value (quote a value with spaces)"),
     (["sample", "--checkpoint", "x", "--ignore-eos", "maybe"], "--ignore-eos takes true or false, got 'maybe'"),
+    (["sample", "--checkpoint=x", "y"], "unexpected value 'y' after --checkpoint=x: --checkpoint takes one value"),
     (["sample", "--checkpoint", "x", "--logprobs-mode", "rawx"],
      "--logprobs-mode: invalid choice 'rawx'; choose one of processed, raw"),
     (["sample", "--checkpoint", "x", "--max-tokens", "abc"], "--max-tokens: expected {None}|INT, got 'abc'"),

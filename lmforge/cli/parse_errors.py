@@ -163,7 +163,10 @@ def parse_errors_in_one_line(cls: type, argv: list[str], prog: str, extra: tuple
         return None
 
     def refuse(event) -> None:
-        said = one_line(event)
+        try:
+            said = one_line(event)
+        except (AttributeError, TypeError, ValueError, IndexError):  # (another tyro's events: its box, not a crash)
+            said = None
         if said:
             raise ConfigError(f"{said} ({prog} --help lists the options)")
 

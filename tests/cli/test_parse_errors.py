@@ -165,3 +165,19 @@ def test_an_unknown_command_or_subcommand_suggests_the_one_meant(argv, line, cap
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(line)
+
+
+def test_an_event_this_cannot_read_keeps_tyros_message_not_a_crash(monkeypatch, capsys):
+    """tyro's events are its internals (tyro<2 is required): one whose fields moved falls back to tyro's own message
+    instead of an AttributeError from the hook."""
+    from lmforge.cli import parse_errors
+
+    def moved(*args, **kwargs):
+        raise AttributeError("'UnrecognizedArgs' object has no attribute 'tokens'")
+
+    monkeypatch.setattr(parse_errors, "_unrecognized", moved)
+    with pytest.raises(SystemExit) as exit:  # (tyro's box exits by itself)
+        main(["sample", "--checkpoint", "x", "--temprature", "0.5"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert "--temprature" in err and "AttributeError" not in err

@@ -70,8 +70,8 @@ def check_text_file(path: str | Path) -> None:
     if kind is not None:
         raise DataError(f"tokenizer input {str(path)!r} is {kind}, not text: the tokenizer reads plain text files; "
                         "leave it out, or, for a data pipeline's JSONL or Parquet, train on its documents from Python "
-                        "(lf.train_bpe(d.text for d in lmforge.data.readers.read_documents(path))) and encode them "
-                        "with a pipeline's tokenize stage")
+                        "(lf.train_bpe((d.text for d in read_documents(path)), vocab_size=8192) with read_documents "
+                        "from lmforge.data.readers) and encode them with a pipeline's tokenize stage")
 
 
 def read_range(path: str | Path, start: int, end: int) -> tuple[bytes, str, int]:

@@ -75,3 +75,31 @@ def test_a_text_opening_with_a_magic_word_is_text_and_real_bzip2_and_parquet_fil
     for name, kind in (("a.bz2", "bzip2-compressed"), ("empty.bz2", "bzip2-compressed"), ("t.parquet", "Parquet")):
         with pytest.raises(DataError, match=f"is {kind}, not text"):
             check_text_file(tmp_path / name)
+
+
+def test_the_refusal_s_python_advice_runs_as_written(tmp_path, monkeypatch):
+    """The refusal of a pipeline's kept documents (and docs/training.md) said to train on them with
+    lf.train_bpe(d.text for d in lmforge.data.readers.read_documents(path)), which is a TypeError (no vocab_size)."""
+    import gzip
+    import re
+    from pathlib import Path
+
+    import pytest
+
+    import lmforge as lf
+    from lmforge.data.readers import read_documents
+    from lmforge.errors import DataError
+    from lmforge.tokenizer.train import check_text_file, train_bpe
+
+    path = tmp_path / "shard-00000.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"id": "1", "text": "the cat sat on the mat"}\n' * 50))
+    with pytest.raises(DataError) as refused:
+        check_text_file(path)
+    advice = re.search(r"(lf\.train_bpe\(.*\)) with", str(refused.value))
+    assert advice, str(refused.value)
+    guide = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
+    assert advice.group(1) in guide.replace("\n", " ")  # the guide gives the same line
+    monkeypatch.setattr(lf, "train_bpe", lambda *a, **kw: train_bpe(*a, **kw, progress=False, workers=1))
+    with pytest.warns(UserWarning, match="merges"):  # (a tiny corpus: fewer merges than asked)
+        tok = eval(advice.group(1), {"lf": lf, "read_documents": read_documents, "path": path})
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat" and tok.vocab_size > 257

@@ -179,7 +179,8 @@ class SpecStats:
     fewer: this measures the drafter, not the output); reachable: the most each round
     could have accepted (a chain's length, a tree's depth), so acceptance_rate = accepted / reachable reads
     the same for chains and trees. tokens_per_forward (emitted tokens / target forwards) is the number to
-    compare drafters by: it counts the bonus token and whatever a tree's width bought."""
+    compare drafters by: it counts the bonus token and whatever a tree's width bought. seconds: the wall time
+    speculative_generate measured (not in a request's metrics, which the engine times itself)."""
 
     drafted: int = 0
     accepted: int = 0
@@ -190,7 +191,7 @@ class SpecStats:
     def as_dict(self, emitted: int) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted, "target_forwards": self.target_forwards,
                 "acceptance_rate": self.accepted / max(self.reachable, 1),
-                "tokens_per_forward": emitted / max(self.target_forwards, 1), "seconds": self.seconds}
+                "tokens_per_forward": emitted / max(self.target_forwards, 1)}
 
 
 NOT_SPECULATIVE = ("a request with repetition/frequency/presence penalties or logits_processors does not decode "

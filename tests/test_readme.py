@@ -95,3 +95,28 @@ def test_readme_shell_commands_run_at_toy_size(workdir, capsys):
     assert [r["prompt"] for r in rows] == ["To be", "Or not"] and all(len(r["samples"]) == 2 for r in rows)
     out = capsys.readouterr().out
     assert "--- sample 1/1" in out and "top:" in out  # sample --logprobs 3 prints the top 3 per token
+
+
+def test_readme_tree_names_files_that_exist_and_every_package():
+    """The annotated tree under "Where things are": each entry exists, each file its description names
+    (`resume.py`, `policy/`, `h200_owed.sh`, ...) is found under that entry's folder, and every package of
+    lmforge/ has its entry."""
+    tree = fenced("", README[README.index("## Where things are"):README.index("## Using it")])[0]
+    folders = {0: ROOT}  # indent -> the folder the entries at that indent are in
+    here, entries, missing = ROOT, [], []
+    for line in tree.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if indent in (0, 2, 4):  # an entry: `name/` or `a.py, b.py`, then its description
+            names = re.match(r"\s*([^\s,]+(?:, [^\s,]+)*)", line).group(1).split(", ")
+            paths = [folders[indent] / n for n in names]
+            missing += [str(p.relative_to(ROOT)) for p in paths if not p.exists()]
+            entries += paths
+            here = paths[0] if paths[0].is_dir() else paths[0].parent
+            folders[indent + 2] = here
+        description = line[22:] if indent < 22 else line
+        for name in re.findall(r"(?<![\w./$-])([a-z_0-9]+(?:\.(?:py|sh|cu)|/))(?=[\s:;,)]|$)", description):
+            if not any(here.rglob(name.rstrip("/"))):
+                missing.append(f"{here.relative_to(ROOT)}: {name}")
+    assert missing == []
+    packages = {p for p in (ROOT / "lmforge").iterdir() if (p / "__init__.py").is_file()}
+    assert packages - set(entries) == set()

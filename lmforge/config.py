@@ -155,6 +155,12 @@ def _default(f: dataclasses.Field, base: Any) -> Any:
     return None
 
 
+def _section_keys(tp: Any) -> set[str]:
+    """The keys of the table a field of type `tp` is (a dataclass, or one or None), else none."""
+    tables = [t for t in (tp, *typing.get_args(tp)) if _is_dataclass_type(t)]
+    return {f.name for t in tables for f in dataclasses.fields(t) if f.init}
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | None = None) -> T:
     """Build dataclass `cls` from a nested dict; unknown keys and values of the wrong type raise a
     ConfigError naming the key. Missing keys keep the defaults, of `base` when given; a partial table for
@@ -166,9 +172,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | Non
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        prefix = f"{where}." if where else ""
+        prefix, key = f"{where}." if where else "", unknown[0]
+        section = next((name for name in sorted(fields) if key in _section_keys(hints[name])), None)
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(fields))}"
+            f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(fields))}"
+            + (f"; '{key}' is a key of [{prefix}{section}]" if section else "")
         )
     kwargs = {name: getattr(base, name) for name in fields} if base is not None else {}
     required = [n for n, f in fields.items() if f.default is dataclasses.MISSING

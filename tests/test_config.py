@@ -321,3 +321,22 @@ def test_claim_is_the_one_taken_name_rule_of_every_registry():
     with pytest.raises(ConfigError, match=r"toy 'k' is already registered \(int\)"):
         claim(table, "k", float, "toy")
     assert table == {"a": Spec("m:A"), "k": int}
+
+
+def test_a_section_s_key_written_at_the_top_names_its_section(tmp_path, capsys):
+    """`temperature = 0` at the top of a `lmforge sample --config` file (the flags are flat: --temperature) was
+    'unknown config key' with the valid keys listed; the line now says which [section] takes it."""
+    from lmforge.align.config import config_class
+    from lmforge.cli import main
+
+    with pytest.raises(ConfigError, match=r"unknown config key 'lr'; .*'lr' is a key of \[optim\]"):
+        from_dict(TrainConfig, {"lr": 1e-3})
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.lr'; valid keys here: [^;]*$"):
+        from_dict(TrainConfig, {"data": {"lr": 1e-3}})  # (sections are named below where the key was written)
+    with pytest.raises(ConfigError, match=r"'r' is a key of \[lora\]"):  # an optional section (None by default)
+        from_dict(config_class("sft"), {"r": 8})
+    with pytest.raises(ConfigError, match=r"valid keys here: [^;]*$"):  # no section has it: the list alone
+        from_dict(TrainConfig, {"no_such_key": 1})
+    (tmp_path / "s.toml").write_text('checkpoint = "x"\ntemperature = 0.0\n')
+    assert main(["sample", "--config", str(tmp_path / "s.toml")]) == 2
+    assert "'temperature' is a key of [sampling]" in capsys.readouterr().err

@@ -446,12 +446,12 @@ def process_pool(workers: int, *, worker_setup=None, **kwargs):
     `initializer` but not `worker_setup`, what only a worker process should do, e.g. ignore Ctrl-C)."""
     import multiprocessing as mp
 
-    if not main_reimport_safe():
+    problem = main_reimport_problem()
+    if problem is not None:
         import warnings
 
         warnings.warn(f"lmforge runs this work in one process instead of {workers}: worker processes re-run the main "
-                      "script's top level, and it has no `if __name__ == \"__main__\":` guard; put the script's code "
-                      "under that guard to use worker processes", stacklevel=3)
+                      f"script's top level, and {problem} to use worker processes", stacklevel=3)
         return InlinePool(**kwargs)
     if worker_setup is not None:
         if kwargs.get("initializer") is not None:
@@ -461,26 +461,33 @@ def process_pool(workers: int, *, worker_setup=None, **kwargs):
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn").Pool(workers, **kwargs)
 
 
-def main_reimport_safe() -> bool:
-    """Whether spawned workers may import the main module: it is no script (an interactive session, -c), a
+def main_reimport_problem() -> str | None:
+    """None where spawned workers may import the main module: it is no script (an interactive session, -c), a
     package's `__main__` module (`python -m lmforge`: multiprocessing never re-runs one in its workers,
-    `multiprocessing.spawn._fixup_main_from_name`), or its source guards its top level with
-    `if __name__ == "__main__"` (a text check of the file)."""
+    `multiprocessing.spawn._fixup_main_from_name`), or a file whose source guards its top level with
+    `if __name__ == "__main__"` (a text check of the file); else what is wrong, as the end of a sentence. A script
+    read from standard input (`python - <<EOF`: __file__ '<stdin>') cannot be: the workers try to run a file of
+    that name, fail, and the pool starts them again without end."""
     import re
     import sys
 
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     if spec is not None and (spec.name == "__main__" or spec.name.endswith(".__main__")):
-        return True
+        return None
     path = getattr(spec, "origin", None) if spec is not None else getattr(main, "__file__", None)
-    if not path or not os.path.isfile(path):
-        return True
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        return (f"it was read from {path}, no file they can read again; save it as a file, its code under an "
+                "`if __name__ == \"__main__\":` guard,")
     try:
         source = Path(path).read_text(errors="replace")
     except OSError:
-        return True
-    return re.search(r"__name__\s*==\s*['\"]__main__['\"]|['\"]__main__['\"]\s*==\s*__name__", source) is not None
+        return None
+    if re.search(r"__name__\s*==\s*['\"]__main__['\"]|['\"]__main__['\"]\s*==\s*__name__", source):
+        return None
+    return "it has no `if __name__ == \"__main__\":` guard; put the script's code under that guard"
 
 
 class _Done:

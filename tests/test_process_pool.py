@@ -42,12 +42,30 @@ def test_a_packages_main_module_gets_workers(monkeypatch):
     import importlib.util
     import types
 
-    from lmforge.utils import main_reimport_safe
+    from lmforge.utils import main_reimport_problem
 
     main = types.ModuleType("__main__")
     main.__spec__ = importlib.util.find_spec("lmforge.__main__")
     main.__file__ = main.__spec__.origin
     monkeypatch.setitem(sys.modules, "__main__", main)
-    assert main_reimport_safe()
+    assert main_reimport_problem() is None
     main.__spec__ = importlib.util.spec_from_file_location("script", main.__file__)  # the same file run by module
-    assert not main_reimport_safe()  # name: its workers re-run it
+    assert "no `if __name__" in main_reimport_problem()  # name: its workers re-run it
+
+
+def test_a_script_read_from_stdin_runs_inline(tmp_path, monkeypatch):
+    """`python - <<EOF` (a heredoc, a pipe): __main__.__file__ is '<stdin>', which lmforge took for no
+    script at all, but multiprocessing's workers try to run a file of that name, fail, and are started again without
+    end: lf.train_bpe over a generator of texts hung there. Such a script runs its work in its own process."""
+    import types
+
+    from lmforge.utils import main_reimport_problem
+
+    main = types.ModuleType("__main__")
+    main.__spec__, main.__file__ = None, "<stdin>"
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert "read from <stdin>" in main_reimport_problem()
+    monkeypatch.undo()
+    piped = subprocess.run([sys.executable, "-"], input=textwrap.dedent(BODY), capture_output=True, text=True,
+                           timeout=60, cwd=tmp_path)
+    assert piped.returncode == 0 and "result [1, 2] inline" in piped.stdout, piped.stderr[-400:]

@@ -72,8 +72,6 @@ class DataReport:
     """of the used records, how many went to validation (data.val_fraction)"""
     val: "DataReport | None" = None
     """the validation files' own report (data.val)"""
-    notes: list[str] = field(default_factory=list)
-    """what the data will do that the user may not expect (an answer its template cannot end: Encoder.split_answer)"""
 
     def reject(self, reason: str, message: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -83,13 +81,12 @@ class DataReport:
         bad = ", ".join(f"{n} {r} (first: {self.first[r]})" for r, n in self.rejected.items()) or "none"
         held = f" ({self.held_out} held out for validation)" if self.held_out else ""
         val = f"; validation files: {self.val.summary()}" if self.val is not None else ""
-        notes = "".join(f"; note: {n}" for n in self.notes)
         return (f"{self.records} records: {self.used} used{held}, {self.truncated} truncated to seq_len, "
-                f"rejected: {bad}{notes}{val}")
+                f"rejected: {bad}{val}")
 
     def to_dict(self) -> dict[str, Any]:
         out = {"records": self.records, "used": self.used, "truncated": self.truncated,
-               "rejected": self.rejected, "first": self.first, "held_out": self.held_out, "notes": self.notes}
+               "rejected": self.rejected, "first": self.first, "held_out": self.held_out}
         if self.val is not None:
             out["val"] = self.val.to_dict()
         return out
@@ -123,9 +120,6 @@ class Encoder:
         self.tok, self.template, self.loss_on = tokenizer, get_template(template), loss_on
         check_template(tokenizer, self.template)
         self.eos = getattr(tokenizer, "eot_id", None)
-        self.split_answer: str | None = None
-        """where the first trained answer holds its template's end marker, when that marker is plain whitespace (the
-        plain template's "\\n"): generation stops there (ChatTemplate.stop), so such an answer comes out cut"""
 
     def chat(self, messages: Any, where: str, field_name: str = "messages", n_prompt: int = 0) -> Example:
         """field_name: the record field the messages came from (a preference pair's are prompt + chosen/rejected).
@@ -143,10 +137,6 @@ class Encoder:
             ids, mask = self.template.encode(self.tok, messages, add_generation_prompt=False)
         except (LmforgeError, AttributeError) as e:
             raise RecordError("bad_messages", f"{where}: field {field_name!r}: {e}") from e
-        end = self.template.end
-        if self.split_answer is None and not end.strip() and any(
-                m.get("role") == "assistant" and end in str(m.get("content")) for m in messages[n_prompt:]):
-            self.split_answer = where
         if self.loss_on == "all":
             return ids, [True] * len(ids)
         if n_prompt:
@@ -348,7 +338,6 @@ def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, 
     encode = resolve(spec.encode)  # (once, not per record)
     report = DataReport()
     items = []
-    split_before = enc.split_answer
     for path in files:
         for where, rec in read_jsonl(path, report, on_error):
             try:
@@ -368,12 +357,6 @@ def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, 
             report.reject(bad.reason, where)
     if not items:
         raise DataError(f"no usable {kind} records in {list(files)}: {report.summary()}")
-    if split_before is None and enc.split_answer is not None:
-        t = enc.template
-        report.notes.append(f"{enc.split_answer}: an answer spans several lines, and chat template {t.name!r} ends an "
-                            f"answer at its end marker {t.end!r}, where generation will stop (one line out); for "
-                            "multi-line answers use a template with end markers (chatml, llama3) and a tokenizer "
-                            "that has them")
     if spec.check is not None:  # e.g. a file set mixing pairs with and without a margin fails here, not mid-run
         resolve(spec.check)(items)
     return items, report

@@ -441,17 +441,3 @@ def test_a_json_array_file_is_read_as_the_data_pipeline_reads_it(tmp_path):
     (tmp_path / "cut.jsonl.gz").write_bytes(cut)
     with pytest.raises(DataError, match=r"cut.jsonl.gz: the compressed file is cut or damaged \(EOFError"):
         D.load_records((str(tmp_path / "cut.jsonl.gz"),), enc, "sft", 64, "raise")
-
-
-def test_a_multi_line_answer_under_the_plain_template_is_noted_once(tmp_path):
-    # plain ends an answer at "\n" (ChatTemplate.stop), so a trained two-line answer would come out cut at its first
-    f = _write(tmp_path / "d.jsonl", [{"messages": _chat("q", "one line")}, {"messages": _chat("q", "two\nlines")},
-                                      {"messages": _chat("q", "three\nmore\nlines")}])
-    enc = D.Encoder(TOK, "plain")
-    _, rep = D.load_records((str(f),), enc, "sft", 64, "raise")
-    assert len(rep.notes) == 1 and rep.notes[0].startswith("d.jsonl:2: an answer spans several lines")
-    assert "note: d.jsonl:2" in rep.summary() and rep.to_dict()["notes"] == rep.notes
-    _, again = D.load_records((str(f),), enc, "sft", 64, "raise")  # (the validation files: said once)
-    assert again.notes == []
-    one = _write(tmp_path / "e.jsonl", [{"messages": _chat("q", "one line")}])
-    assert D.load_records((str(one),), D.Encoder(TOK, "plain"), "sft", 64, "raise")[1].notes == []

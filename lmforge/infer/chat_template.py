@@ -53,7 +53,7 @@ class ChatTemplate:
     header: str = "{role}\n"
     """opens a message; {role} is replaced by the role name (or role_names[role])"""
     end: str = "\n"
-    """closes a message; also the stop string that ends an assistant answer (`stop`)"""
+    """closes a message; also the stop string that ends an assistant answer"""
     role_names: tuple[tuple[str, str], ...] = ()
 
     def role(self, role: str) -> str:
@@ -228,22 +228,17 @@ class ChatTemplate:
 
     @property
     def stop(self) -> tuple[str, ...]:
-        """Stop strings that end an assistant turn during generation, every front end's (chat_request: LLM.chat,
-        `lmforge chat`, a server): the end marker (`end`, what SFT trains an answer to end with, less the whitespace
-        around a marker: "<|im_end|>"; an end of whitespace alone as it is: the plain template's "\\n", the one
-        thing a model SFT-trained on it writes to end its answer, so a plain answer is one line), and what opens
-        any next turn: the header's marker before {role} (<|im_start|>), else (a plain header, "User: ") the end
-        and every role's header ("\\nUser:", "\\nTool:", ...): the answer of a model writing the next turn
-        itself (a tool's result, the user's reply) ends where that turn would begin. A stop string holding another
-        is left out (the other always ends the answer first: plain's are ("\\n",))."""
-        stops = [self.end.strip() or self.end] if self.end else []
+        """Stop strings that end an assistant turn during generation: the end marker, and what opens any next
+        turn: the header's marker before {role} (<|im_start|>), else (a plain header, "User: ") the end and
+        every role's header ("\\nUser:", "\\nTool:", ...): the answer of a model writing the next turn itself
+        (a tool's result, the user's reply) ends where that turn would begin."""
+        stops = [self.end.strip()] if self.end.strip() else []  # (a blank end alone would stop at every line)
         opens = self.header.split("{role}")[0].strip()
         if opens:
             stops.append(opens)
         else:
             stops += [self.end + self.header.format(role=self.role(r)).rstrip() for r in ROLES]
-        stops = list(dict.fromkeys(stops))
-        return tuple(s for s in stops if not any(o != s and o in s for o in stops))
+        return tuple(dict.fromkeys(stops))
 
     def stop_token_ids(self, tokenizer) -> tuple[int, ...]:
         """The ids of the `stop` markers this tokenizer has as single special tokens: generation given them

@@ -94,9 +94,8 @@ def _force(text: str, tok):
 
 @pytest.mark.parametrize("role", ["Tool", "System", "Assistant", "User"])
 def test_plain_answer_stops_where_the_model_writes_any_next_turn(tok, role):
-    """A model fabricating the next turn (a tool's result, the classic ReAct failure) is cut there: at the end
-    marker "\\n" that ends a plain answer (which every next turn's header follows)."""
-    assert get_template("plain").stop == ("\n",)
+    """A model fabricating the next turn (a tool's result, the classic ReAct failure) is cut there."""
+    assert get_template("plain").stop == ("\nSystem:", "\nUser:", "\nAssistant:", "\nTool:")
     llm = LLM(tiny_model(), tok)
     msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "Action: calc[2+2]"},
             {"role": "tool", "content": "4"}]

@@ -133,10 +133,18 @@ class Encoder:
             after = " after its prompt" if n_prompt else ""
             raise RecordError("no_assistant_turn", f"{where}: field {field_name!r} has no assistant turn{after}, so "
                               "nothing would be trained; add one or set data.loss_on='all'")
+        # a template whose end marker is plain text ("\n", plain's) cannot tell where an answer ends: a final answer
+        # is closed with the end-of-text token instead (trained; generation stops on it: infer.request.stop_ids), as
+        # TRL appends EOS, so an answer may span lines; before, a plain-SFT model never stopped by itself
+        closes = (self.eos is not None and not MARKER.search(self.template.end)
+                  and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant")
         try:
-            ids, mask = self.template.encode(self.tok, messages, add_generation_prompt=False)
+            ids, mask = self.template.encode(self.tok, messages, add_generation_prompt=False,
+                                             continue_final_message=closes)
         except (LmforgeError, AttributeError) as e:
             raise RecordError("bad_messages", f"{where}: field {field_name!r}: {e}") from e
+        if closes:
+            ids, mask = ids + [self.eos], mask + [True]
         if self.loss_on == "all":
             return ids, [True] * len(ids)
         if n_prompt:

@@ -31,8 +31,10 @@ def test_chat_loss_mask_covers_assistant_turns_only():
     msgs = _chat("2+2?", "4", system="be brief") + [{"role": "user", "content": "and 3+3?"},
                                                     {"role": "assistant", "content": "6"}]
     ids, mask = enc.chat(msgs, "x:1")
-    assert bytes(ids).decode() == "System: be brief\nUser: 2+2?\nAssistant: 4\nUser: and 3+3?\nAssistant: 6\n"
-    assert _trained_text((ids, mask)) == "4\n6\n"  # contents and their end markers
+    # plain's end marker "\n" cannot tell an answer's end: the final answer closes with end-of-text instead (trained)
+    assert TOK.decode(ids) == "System: be brief\nUser: 2+2?\nAssistant: 4\nUser: and 3+3?\nAssistant: 6<|endoftext|>"
+    assert ids[-1] == TOK.eot_id and mask[-1]
+    assert TOK.decode([t for t, m in zip(ids, mask) if m]) == "4\n6<|endoftext|>"  # contents and their ends
     ids_all, mask_all = D.Encoder(TOK, "plain", loss_on="all").chat(msgs, "x:1")
     assert ids_all == ids and all(mask_all)
 
@@ -355,10 +357,11 @@ def test_a_conversational_prompt_is_never_trained_only_its_completion(template, 
     assert ids == full and ids[:len(p_ids)] == p_ids and not any(mask[:len(p_ids)])
     assert mask[len(p_ids):] == full_mask[len(p_ids):]
     end = enc.template.end
-    assert tok.decode([t for t, m in zip(ids, mask) if m]) == f"there{end}NEW{end}"
+    last = "<|endoftext|>" if template == "plain" else end  # (plain's final answer closes with end-of-text)
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == f"there{end}NEW{last}"
     pair = D.encode_record(enc, {"prompt": prompt, "chosen": completion, "rejected": completion[:1]}, "preference",
                            "x:2", 512, D.DataReport())
-    assert [tok.decode([t for t, m in zip(*ex) if m]) for ex in pair] == [f"there{end}NEW{end}", f"there{end}"]
+    assert [tok.decode([t for t, m in zip(*ex) if m]) for ex in pair] == [f"there{end}NEW{last}", f"there{last}"]
     with pytest.raises(DataError, match=r"x:3: field 'prompt \+ completion' has no assistant turn after its prompt"):
         enc.prompt_completion(prompt, [{"role": "user", "content": "?"}], "x:3")
     ids_all, mask_all = D.Encoder(tok, template, loss_on="all").prompt_completion(prompt, completion, "x:4")
@@ -441,3 +444,19 @@ def test_a_json_array_file_is_read_as_the_data_pipeline_reads_it(tmp_path):
     (tmp_path / "cut.jsonl.gz").write_bytes(cut)
     with pytest.raises(DataError, match=r"cut.jsonl.gz: the compressed file is cut or damaged \(EOFError"):
         D.load_records((str(tmp_path / "cut.jsonl.gz"),), enc, "sft", 64, "raise")
+
+
+def test_a_plain_answer_of_several_lines_is_closed_by_end_of_text_which_generation_stops_on():
+    """plain ends a turn with "\n", which a multi-line answer holds too: SFT closes the final answer with the
+    tokenizer's end-of-text token (trained, where TRL appends EOS), which the engine stops on (request.stop_ids), so
+    a plain-SFT model stops by itself with its whole answer (it ran to max_tokens before). A template whose end is
+    a marker (chatml) keeps it; a conversation ending with a user turn (loss_on='all') gets nothing."""
+    from lmforge.infer.request import stop_ids
+    from lmforge.infer.sampling import SamplingParams
+
+    ids, mask = D.Encoder(TOK, "plain").chat(_chat("2+2?", "It is 4.\nBecause 2 and 2 make 4."), "x:1")
+    assert TOK.decode([t for t, m in zip(ids, mask) if m]) == "It is 4.\nBecause 2 and 2 make 4.<|endoftext|>"
+    assert ids[-1] in stop_ids(SamplingParams(), TOK)
+    asked = _chat("2+2?", "4") + [{"role": "user", "content": "and 3+3?"}]
+    ids, _ = D.Encoder(TOK, "plain", loss_on="all").chat(asked, "x:2")
+    assert TOK.eot_id not in ids and bytes(ids).decode().endswith("User: and 3+3?\n")

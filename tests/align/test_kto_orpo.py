@@ -154,7 +154,8 @@ def test_mismatched_rows_of_conversational_completions_hold_real_tokens():
     for k in ("input_ids", "targets", "loss_mask"):
         assert b[f"kl_{k}"].tolist() == want[k].tolist(), k
     row0 = [t for t, m in zip(want["targets"][0].tolist(), want["loss_mask"][0].tolist()) if m]
-    assert bytes(row0).decode() == "x\nzz\n"  # row 0's prompt + row 2's completion: the user turn untrained
+    # row 0's prompt + row 2's completion: the user turn untrained, the final answer closed by end-of-text
+    assert ByteTokenizer().decode(row0) == "x\nzz<|endoftext|>"
     loss, metrics = KTOObjective(reference=tiny_model(1, vocab_size=257)).loss(tiny_model(0, vocab_size=257), b)
     assert torch.isfinite(loss) and torch.isfinite(metrics["kl"])
 

@@ -21,9 +21,9 @@ from ..infer.test_chat_continue import _force  # a logits processor writing a te
 TOK = ByteTokenizer()
 
 
-# what a model SFT-trained on the plain template writes: the answer, the end marker "\n" it was trained to end
-# it with, then whatever it never learned (nothing follows an answer's end marker in its training examples)
-RAMBLE = "It is 4.\nIt is 4 because 2 and 2 make 4, and"
+# what a model SFT-trained on the plain template writes: the answer, of several lines, then the end-of-text token SFT
+# closes a plain answer with (its end marker "\n" cannot tell an answer's end: lmforge.align.data.Encoder.chat)
+ANSWER = "It is 4.\nBecause 2 and 2 make 4."
 
 
 def _server_answer(llm: LLM, msgs: list[dict], params: SamplingParams):
@@ -37,18 +37,18 @@ def _server_answer(llm: LLM, msgs: list[dict], params: SamplingParams):
     return asyncio.run(main())
 
 
-def test_a_plain_template_answer_ends_at_its_end_marker_in_every_chat_front_end():
-    """The plain template ends an assistant turn with "\\n" (ChatTemplate.end, trained by SFT); its stop rule
-    (ChatTemplate.stop, which chat_request hands every front end) had only the next turn's headers ("\\nUser:"),
-    so a model SFT-trained on it never stopped by itself: it ran to max_tokens."""
-    assert get_template("plain").stop == ("\n",)
+def test_a_plain_template_answer_of_several_lines_ends_at_end_of_text_in_every_chat_front_end():
+    """A plain answer ends where the model writes end-of-text (what SFT trains it to close an answer with), whole,
+    in LLM.chat, a server and `lmforge chat`; the plain stop strings are only the next turns' headers, so an answer
+    may span lines (cutting it at its first "\n" cut GSM8K-style answers before their 'Answer:' line)."""
+    assert get_template("plain").stop == ("\nSystem:", "\nUser:", "\nAssistant:", "\nTool:")
     llm = LLM(tiny_model("llama"), TOK)
     msgs = [{"role": "user", "content": "2+2?"}]
-    p = SamplingParams(temperature=0, max_tokens=60, logits_processors=(_force(RAMBLE, TOK),))
+    p = SamplingParams(temperature=0, max_tokens=60, logits_processors=(_force(ANSWER, TOK),))
     out = llm.chat(msgs, p, template="plain")[0].outputs[0]  # LLM.chat
-    assert (out.text, out.finish_reason, out.stop_reason) == ("It is 4.", "stop", "\n")
+    assert (out.text, out.finish_reason) == (ANSWER, "stop")
     served = _server_answer(llm, msgs, p)  # a server on an AsyncEngine
-    assert (served.text, served.finish_reason, served.stop_reason) == ("It is 4.", "stop", "\n")
+    assert (served.text, served.finish_reason) == (ANSWER, "stop")
     lines, written = iter(["2+2?"]), []
 
     def read(_):
@@ -57,8 +57,8 @@ def test_a_plain_template_answer_ends_at_its_end_marker_in_every_chat_front_end(
         except StopIteration:
             raise EOFError from None
     history = chat_loop(llm, ChatConfig(checkpoint="-", template="plain", sampling=p), read, written.append)
-    assert history[-1] == {"role": "assistant", "content": "It is 4."}  # `lmforge chat`
-    assert "".join(written) == "bot> It is 4.\n\n"
+    assert history[-1] == {"role": "assistant", "content": ANSWER}  # `lmforge chat`
+    assert "".join(written) == f"bot> {ANSWER}\n\n"
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama3"])

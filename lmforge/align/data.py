@@ -227,7 +227,7 @@ def read_jsonl(path: str | Path, report: DataReport, on_error: str):
     """(where, record) for every record of a JSON Lines file, or of a `.json` file holding one JSON array
     (`lmforge.data.readers.json_records`, the data pipeline's reader too); where is file:line or file:element N.
     Undecodable records raise or are counted."""
-    from lmforge.data.readers import ARCHIVE_ERRORS, json_records
+    from lmforge.data.readers import ARCHIVE_ERRORS, NotCompressed, json_records
 
     path = check_data_file(path)
     try:
@@ -244,6 +244,8 @@ def read_jsonl(path: str | Path, report: DataReport, on_error: str):
                                    "fix the line or set data.on_error='skip'"))
             else:
                 report.reject("bad_json", where)
+    except NotCompressed as e:
+        raise DataError(str(e)) from e
     except ARCHIVE_ERRORS as e:
         raise DataError(f"{path}: the compressed file is cut or damaged ({type(e).__name__}: {e}); "
                         "decompress it again or give an intact copy") from e

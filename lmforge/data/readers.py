@@ -105,8 +105,27 @@ class _ZstdFrames(io.RawIOBase):
         super().close()
 
 
+class NotCompressed(CorruptArchive):
+    """A file named as compressed (.gz, .zst) whose bytes are not: a plain file with the wrong name."""
+
+
 # what a damaged or cut compressed file raises while it is read: gzip's EOFError/BadGzipFile/zlib.error, ours
 ARCHIVE_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, CorruptArchive)
+
+# the first bytes of every gzip member (RFC 1952, 2.3.1) and zstd frame (RFC 8878, 3.1.1)
+MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+
+
+def _check_magic(path: Path, codec: str) -> None:
+    """Raise NotCompressed for a file whose name says `codec` and whose first bytes say otherwise, which the
+    decompressor would report as damage ("BadGzipFile: Not a gzipped file") when renaming is the fix. An empty
+    file, or one shorter than the magic number that matches as far as it goes, is left to the decompressor."""
+    with open(path, "rb") as f:
+        head = f.read(4)  # (shown in the message)
+    n = min(len(head), len(MAGIC[codec]))
+    if head[:n] != MAGIC[codec][:n]:
+        raise NotCompressed(f"{path}: not {codec}-compressed despite its name (it starts with {head!r}); "
+                            f"rename it to {path.name[: -len(path.suffix)]}")
 
 
 def archive_reason(e: BaseException) -> str:
@@ -120,9 +139,12 @@ def archive_reason(e: BaseException) -> str:
 
 def open_binary(path: str | Path) -> BinaryIO:
     """Open a file for reading, decompressing .gz and .zst transparently. A cut file raises EOFError and a
-    damaged one CorruptArchive (or gzip's BadGzipFile / zlib.error) when the bad part is read."""
+    damaged one CorruptArchive (or gzip's BadGzipFile / zlib.error) when the bad part is read; a plain file named
+    as compressed raises NotCompressed here."""
     path = Path(path)
     codec = compression(path)
+    if codec is not None:
+        _check_magic(path, codec)
     if codec == "gzip":
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if codec == "zstd":
@@ -206,7 +228,7 @@ def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
                     parts.append(chunk)
             except ARCHIVE_ERRORS as e:
                 cut = e
-    except OSError as e:
+    except (OSError, NotCompressed) as e:
         yield _error_doc(path, "file", archive_reason(e), e)
         return
     if cut is not None and unit == "file":

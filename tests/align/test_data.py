@@ -444,6 +444,10 @@ def test_a_json_array_file_is_read_as_the_data_pipeline_reads_it(tmp_path):
     (tmp_path / "cut.jsonl.gz").write_bytes(cut)
     with pytest.raises(DataError, match=r"cut.jsonl.gz: the compressed file is cut or damaged \(EOFError"):
         D.load_records((str(tmp_path / "cut.jsonl.gz"),), enc, "sft", 64, "raise")
+    (tmp_path / "plain.jsonl.gz").write_text(json.dumps(records[0]) + "\n")  # was "cut or damaged (BadGzipFile"
+    with pytest.raises(DataError, match=r"^\S*plain.jsonl.gz: not gzip-compressed despite its name \(it starts "
+                                        r"with b'\{\"me'\); rename it to plain.jsonl$"):
+        D.load_records((str(tmp_path / "plain.jsonl.gz"),), enc, "sft", 64, "raise")
 
 
 def test_a_plain_answer_of_several_lines_is_closed_by_end_of_text_which_generation_stops_on():

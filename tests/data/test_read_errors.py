@@ -54,6 +54,22 @@ def test_a_damaged_txt_zst_is_a_read_error_not_a_traceback(tmp_path):
     assert d.drop == "read_error:corrupt_archive" and "zstd" in d.meta["error"]
 
 
+
+@pytest.mark.parametrize("name, codec", [("plain.jsonl.gz", "gzip"), ("plain.jsonl.zst", "zstd"),
+                                         ("plain.txt.gz", "gzip")])
+def test_a_plain_file_named_compressed_is_told_to_be_renamed(tmp_path, name, codec):
+    """A plain JSONL file named *.jsonl.gz was reported as "cut or damaged (BadGzipFile: Not a gzipped file)"
+    (found 2026-12-07): the fix is a rename, not a fresh copy."""
+    if codec == "zstd":
+        pytest.importorskip("zstandard")
+    p = tmp_path / name
+    p.write_bytes(ROWS[:500])
+    docs = list(read_documents(p))
+    assert _drops(docs) == ["read_error:corrupt_archive"] and len(docs) == 1
+    stem = name.rsplit(".", 1)[0]
+    assert docs[0].meta["error"] == (f"NotCompressed: {p}: not {codec}-compressed despite its name (it starts with "
+                                     f"{ROWS[:4]!r}); rename it to {stem}")
+
 def _warc(n: int, gz: bool) -> tuple[bytes, list[int]]:
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter

@@ -140,13 +140,14 @@ def shard_paths(paths: tuple[str, ...], key: str) -> list[Path]:
     """The token shard files `paths` names, in order: a file as it is; a directory, the *.bin files in it; a glob
     pattern (*, ?, [...]; ** for any depth), the files it matches; those two sorted by name. A directory holding the
     other split's shard (val.bin under data.train, train.bin under data.val: the folder `lmforge tokenizer encode`
-    writes) is refused, its validation text would be trained on, as is one holding no shard or a pattern matching
-    no file. Every shard found is checked as a listed one is (check_one_tokenizer, check_vocab)."""
+    writes) or a pattern matching it is refused, its validation text would be trained on, as is one holding no
+    shard or a pattern matching no file. Every shard found is checked as a listed one is (check_one_tokenizer,
+    check_vocab)."""
     out: list[Path] = []
+    other = "val.bin" if key.endswith("train") else "train.bin"
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(q for q in p.glob("*.bin") if q.is_file())
-            other = "val.bin" if key.endswith("train") else "train.bin"
             if not found:
                 raise DataError(f"{key}: {p} holds no *.bin token shard; make them with lmforge tokenizer encode or a "
                                 "data pipeline's tokenize stage")
@@ -160,6 +161,10 @@ def shard_paths(paths: tuple[str, ...], key: str) -> list[Path]:
             if not found:
                 raise DataError(f"{key}: {p} matches no file (a token shard file, a directory of *.bin shards or a "
                                 "glob pattern is taken)")
+            if theirs := [q for q in found if q.name == other]:
+                split = "training" if key.endswith("train") else "validation"
+                raise DataError(f"{key}: {p} matches {theirs[0]}, the other split's shard; name the {split} shards "
+                                f"or a pattern that leaves {other} out")
             out += found
         else:
             out.append(p)
@@ -172,8 +177,14 @@ def open_splits(train: tuple[str, ...], val: tuple[str, ...], val_fraction: floa
     names their config section in errors (data, data.sources[1])."""
     if not train:
         raise DataError(f"no training data: set {key}.train to one or more token shard files")
-    files = [TokenFile(p) for p in shard_paths(train, f"{key}.train")]
-    val_files = [TokenFile(p) for p in shard_paths(val, f"{key}.val")]
+    train_paths, val_paths = shard_paths(train, f"{key}.train"), shard_paths(val, f"{key}.val")
+    trained = {p.resolve(): p for p in train_paths}
+    for p in val_paths:
+        if (q := trained.get(p.resolve())) is not None:
+            raise DataError(f"{q} is in both {key}.train and {key}.val{f' (as {p})' if p != q else ''}: the "
+                            "validation loss would measure text trained on; give it to one of them")
+    files = [TokenFile(p) for p in train_paths]
+    val_files = [TokenFile(p) for p in val_paths]
     for f in files + val_files:
         f.check_vocab(model_vocab)
     if val_files:

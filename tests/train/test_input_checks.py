@@ -137,6 +137,7 @@ def test_a_directory_or_glob_gives_its_shards_sorted_and_each_checked(tmp_path, 
     with pytest.raises(DataError, match=rf"^data.train: {nothing} matches no file \(a token "
                                         r"shard file, a directory of \*.bin shards or a glob pattern is taken\)$"):
         pretraining_data(_config(tmp_path, [tmp_path / "x*.bin"]))
+    (folder / "val.bin").unlink()  # (a pattern matching it is refused too)
     cfg = _config(tmp_path, [train])
     byte = make_shard(tmp_path / "byte" / "c.bin")  # a byte-level shard found by the pattern: refused as if listed
     data = DataConfig(seq_len=32, batch_size=8, sources=(SourceConfig(name="s", train=(str(tmp_path / "*/*.bin"),)),),
@@ -144,6 +145,32 @@ def test_a_directory_or_glob_gives_its_shards_sorted_and_each_checked(tmp_path, 
     with pytest.raises(DataError, match=rf"^{byte} was encoded by tokenizer 'byte' \(vocab 257\) but "):
         pretraining_data(dataclasses.replace(cfg, data=data))
 
+
+
+def test_a_glob_matching_the_other_split_or_a_shard_in_both_splits_is_refused(tmp_path, bpe_shards):
+    """data.train=["tok/*.bin"] took tok/val.bin, the other split's shard that a directory refuses, and trained on it,
+    even with data.val=["tok/val.bin"]; a shard listed in both data.train and data.val was taken too (found
+    2026-12-07): the validation loss measured memorised text."""
+    tok, path, ids, train = bpe_shards
+    folder = train.parent
+    shutil.copy(train, folder / "val.bin")
+    pattern = re.escape(str(folder / "*.bin"))
+    for val in ((), (folder / "val.bin",)):
+        with pytest.raises(DataError, match=rf"^data.train: {pattern} matches {folder / 'val.bin'}, the other "
+                                            rf"split's shard; name the training shards or a pattern that leaves "
+                                            r"val.bin out$"):
+            pretraining_data(_config(tmp_path, [folder / "*.bin"], val))
+    with pytest.raises(DataError, match=rf"^data.val: {re.escape(str(folder / 't*.bin'))} matches {train}, the "
+                                        r"other split's shard; name the validation shards or a pattern"):
+        pretraining_data(_config(tmp_path, [folder / "val.bin"], [folder / "t*.bin"]))
+    shutil.copy(train, folder / "b.bin")
+    spelt = tmp_path / "a" / ".." / "a" / "train.bin"  # the same file spelled another way
+    for tr, val, said in (([train], [spelt], rf" \(as {re.escape(str(spelt))}\)"),
+                          ([train, folder / "b.bin"], [folder / "val.bin", folder / "b*.bin"], "")):
+        with pytest.raises(DataError, match=rf"^{tr[-1]} is in both data.train and data.val{said}: the validation "
+                                            r"loss would measure text trained on; give it to one of them$"):
+            pretraining_data(_config(tmp_path, tr, val))
+    assert len(pretraining_data(_config(tmp_path, [train], [folder / "val.bin"])).sampler.splits) == 1
 
 def test_an_sft_data_folder_names_the_jsonl_files_in_it(tmp_path):
     from lmforge.align.data import DataReport, read_jsonl
@@ -203,7 +230,7 @@ def test_a_listed_shard_too_short_for_a_window_is_said(tmp_path):
                                                                   tokenizer="byte")
     with pytest.warns(UserWarning, match=rf"^data.train: 1 shard\(s\) hold fewer training tokens than one window "
                                          rf"\(seq_len\+1=33\) and are not trained on: {short} \(20\)$"):
-        train, _ = open_splits((str(long), str(short)), (str(long),), 0.0, 32, 257)
+        train, _ = open_splits((str(long), str(short)), (str(make_shard(tmp_path / "val.bin")),), 0.0, 32, 257)
     assert [s.file.path for s in train] == [long]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -223,15 +223,50 @@ def once_per_file(load: Callable[..., T] | None = None, *, files_of: Callable[..
     return by_file
 
 
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes, read whole (see remembered_sha256 for a file read again and again)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+HASH_CACHE_ENV = "LMFORGE_HASH_CACHE"
+
+
+def remembered_sha256(path: Path) -> str:
+    """sha256_file of a large file read at many starts (a HF base's weights no manifest lists, a data pipeline's
+    models), remembered on disk under its path, size, modification time and inode ($LMFORGE_HASH_CACHE, default
+    ~/.cache/lmforge/sha256/): a 14 GB base is read once, not at every load of adapters over it or every pipeline
+    resume and Ray worker. A file rewritten in place has a new modification time and is read again. (Checksum
+    verification of an lmforge checkpoint, checkpoint.store._verify, always reads.)"""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()
+    root = Path(os.environ.get(HASH_CACHE_ENV) or Path.home() / ".cache" / "lmforge" / "sha256")
+    try:
+        known = (root / key).read_text()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
+    digest = sha256_file(path)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{key}.{os.getpid()}"
+        tmp.write_text(digest)
+        os.replace(tmp, root / key)
+    except OSError:  # a read-only home: the checksum is still right, only not remembered
+        pass
+    return digest
+
+
 @once_per_file
 def content_digest(path: str) -> str:
     """sha256 of a file's bytes (of a folder: its entries' sorted names, what its mtime stands for), read once per
-    process while the file's stamps stay as they are (once_per_file): what tells a file touched, or copied with its
-    bytes, from one changed, where a stamp's time moved but its size did not (pipeline.describe_changes)."""
+    process while the file's stamps stay as they are (once_per_file) and once per machine while they and its inode
+    do (remembered_sha256): what tells a file touched, or copied with its bytes, from one changed, where a stamp's
+    time moved but its size did not (pipeline.describe_changes)."""
     if Path(path).is_dir():
         return hashlib.sha256("\0".join(sorted(os.listdir(path))).encode("utf-8", "surrogateescape")).hexdigest()
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return remembered_sha256(Path(path))
 
 
 def umask() -> int:

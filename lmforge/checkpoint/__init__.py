@@ -47,15 +47,15 @@ a test replacing a function replaces it in the module that calls it (lmforge.che
 """
 
 # (_seal, _verify, _state_for_save: private names the trainer and tests use, re-exported as they were)
-from lmforge.checkpoint.identity import (BASE_HINT, HASH_CACHE_ENV, base_record, checkpoint_identity, rebase,
-                                        recorded_base)
+from lmforge.checkpoint.identity import BASE_HINT, base_record, checkpoint_identity, rebase, recorded_base
 from lmforge.checkpoint.load import CAST_RULE, castable, check_same_model, load_model, load_recorded_base
 from lmforge.checkpoint.load import load_train_state, load_weights, model_config_of, recorded_dtype
 from lmforge.checkpoint.save import LEAVES_OUT, _state_for_save, bos_record, check_train_state, frozen_names
 from lmforge.checkpoint.save import model_meta, save_checkpoint
 from lmforge.checkpoint.store import EARLIER, _seal, _verify, checkpoint_dirs, clean_partial, is_hf_dir
-from lmforge.checkpoint.store import resolve_checkpoint, sha256_file
+from lmforge.checkpoint.store import resolve_checkpoint
 from lmforge.checkpoint.templates import hf_chat_template, recorded_chat_template, template_dir
+from lmforge.utils import HASH_CACHE_ENV, sha256_file  # (the digest remembered on disk is utils.remembered_sha256)
 
 __all__ = ["BASE_HINT", "CAST_RULE", "EARLIER", "HASH_CACHE_ENV", "LEAVES_OUT", "base_record", "bos_record", "castable",
            "check_same_model", "check_train_state", "checkpoint_dirs", "checkpoint_identity", "clean_partial",

@@ -1,20 +1,19 @@
 """A checkpoint's identity (its resolved path and weights checksum: `checkpoint_identity`, a HF directory's
-remembered under $LMFORGE_HASH_CACHE) and the base an adapter-only checkpoint records (`base_record`; `rebase`
-when that base has moved). What an objective saves of a frozen reference instead of its weights, and what
-load_model checks a base against."""
+remembered under $LMFORGE_HASH_CACHE: utils.remembered_sha256) and the base an adapter-only checkpoint records
+(`base_record`; `rebase` when that base has moved). What an objective saves of a frozen reference instead of its
+weights, and what load_model checks a base against."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from lmforge.checkpoint.store import _seal, _verify, resolve_checkpoint, sha256_file
+from lmforge.checkpoint.store import _seal, _verify, resolve_checkpoint
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.utils import atomic_dir
+from lmforge.utils import atomic_dir, remembered_sha256
 
 
 def checkpoint_identity(path: str | Path) -> dict[str, str]:
@@ -26,37 +25,9 @@ def checkpoint_identity(path: str | Path) -> dict[str, str]:
         sums = json.loads((ckpt / "manifest.json").read_text()).get("sha256", {})
     weights = sorted(ckpt.glob("*.safetensors"))
     base = recorded_base(ckpt) or _peft_base(ckpt)  # an adapter-only checkpoint is its tensors over its base's
-    digest = hashlib.sha256("".join([*(sums.get(w.name) or _remembered_sha256(w) for w in weights),
+    digest = hashlib.sha256("".join([*(sums.get(w.name) or remembered_sha256(w) for w in weights),
                                      base.get("sha256", "")]).encode()).hexdigest()
     return {"path": str(ckpt.resolve()), "sha256": digest}
-
-
-HASH_CACHE_ENV = "LMFORGE_HASH_CACHE"
-
-
-def _remembered_sha256(path: Path) -> str:
-    """sha256_file of a weight file no manifest lists (a HF directory's), remembered on disk under its path,
-    size, modification time and inode ($LMFORGE_HASH_CACHE, default ~/.cache/lmforge/sha256/): a 14 GB base
-    is read once, not at every load of adapters over it. A file rewritten in place has a new modification
-    time and is read again. (Checksum verification of an lmforge checkpoint, _verify, always reads.)"""
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()
-    root = Path(os.environ.get(HASH_CACHE_ENV) or Path.home() / ".cache" / "lmforge" / "sha256")
-    try:
-        known = (root / key).read_text()
-        if len(known) == 64:
-            return known
-    except OSError:
-        pass
-    digest = sha256_file(path)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".{key}.{os.getpid()}"
-        tmp.write_text(digest)
-        os.replace(tmp, root / key)
-    except OSError:  # a read-only home: the checksum is still right, only not remembered
-        pass
-    return digest
 
 
 def recorded_base(ckpt: Path) -> dict | None:

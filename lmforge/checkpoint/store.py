@@ -5,7 +5,6 @@ lmforge.checkpoint's docstring; save.py writes into it, load.py reads from it.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import CheckpointError
-from lmforge.utils import honour_umask, process_tag
+from lmforge.utils import honour_umask, process_tag, sha256_file
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # what a killed writer leaves beside step_N (utils.atomic_dir's names): `.step_N.writing-PID-TAG`, the checkpoint
@@ -63,11 +62,6 @@ def clean_partial(run_dir: str | Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _seal(folder: Path) -> None:

@@ -289,7 +289,6 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
     files = [f for fs in shards.values() for f in fs]
     check_requirements(cfg, files)
     check_stages(cfg)
-    fixed = stage_files(cfg, digests=True)
     inside = [f for f in files if f.resolve().is_relative_to(root.resolve())]
     if inside:
         raise ConfigError(f"input {inside[0]} lies inside output.dir {root}: a run writes (and --restart removes) "
@@ -310,16 +309,17 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
                           f"and inputs made them; rerun with --restart to remove them, or choose a new output.dir")
     mine = run_identity(cfg)
     inputs = input_fingerprint(shards)
-    if saved.is_file():
-        old = _saved_identity(read_run_json(saved), cfg)
-        old_inputs = old.pop("inputs", None)
-        old_files = old.pop("stage_files", None)  # (none from lmforge before 2026-12-07)
-        if old_files is not None and not (isinstance(old_files, dict) and all(
-                isinstance(v, list) and all(isinstance(f, list) and len(f) in (3, 4) for f in v)
-                for v in old_files.values())):
-            raise ConfigError(f"{saved}, one of the run's own records, is corrupt (its stage_files is no "
-                              "{stage: [[path, size, mtime], ...]}); rerun with --restart to redo the run, or choose "
-                              "a new output.dir")
+    old = _saved_identity(read_run_json(saved), cfg) if saved.is_file() else None
+    # (no stage_files from lmforge before 2026-12-07)
+    old_inputs, old_files = (old.pop("inputs", None), old.pop("stage_files", None)) if old is not None else (None, None)
+    if old_files is not None and not (isinstance(old_files, dict) and all(
+            isinstance(v, list) and all(isinstance(f, list) and len(f) in (3, 4) for f in v)
+            for v in old_files.values())):
+        raise ConfigError(f"{saved}, one of the run's own records, is corrupt (its stage_files is no "
+                          "{stage: [[path, size, mtime], ...]}); rerun with --restart to redo the run, or choose "
+                          "a new output.dir")
+    fixed = stage_files(cfg, digests=True, known=old_files)  # (a resume reads no file its record holds unchanged)
+    if old is not None:
         if old != mine:
             raise ConfigError(f"{root} holds a run of a different pipeline; choose a new output.dir, or rerun "
                               f"with --restart to replace it")

@@ -233,17 +233,22 @@ def stage_labels(cfg: PipelineConfig) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}[{i}]" for i, n in enumerate(names)]
 
 
-def stage_files(cfg: PipelineConfig, *, digests: bool = False) -> dict[str, list[list]]:
+def stage_files(cfg: PipelineConfig, *, digests: bool = False,
+                known: dict[str, list[list]] | None = None) -> dict[str, list[list]]:
     """{stage label: [[resolved path, size, mtime_ns], ...]} of the files each stage reads now (`StageSpec.reads`: a
     tokenizer, a model, the eval files decontam's folders hold): what a run fixes at its start, keeps in pipeline.json
     and checks before and after each shard (`check_stage_files`). `digests`: each with its content digest after
-    (utils.content_digest), what the run records, so a file touched since is told from one changed
-    (`describe_changes`); a check compares stamps and reads a file's digest only where its time alone moved."""
+    (utils.content_digest, remembered on disk), what the run records, so a file touched since is told from one
+    changed (`describe_changes`); a check compares stamps and reads a file's digest only where its time alone moved.
+    `known`: files recorded so (a resumed run's pipeline.json, the driver's for a Ray worker), whose digest is taken
+    where path, size and mtime are the same, so a multi-GB model is not read again."""
+    recorded = {tuple(f[:3]): f[3] for files in (known or {}).values() for f in files if len(f) == 4}
     out = {}
     for label, (spec, stage) in zip(stage_labels(cfg), cfg.built_stages()):
         if spec.reads is not None:
             stamps = dict.fromkeys(file_stamps(spec.reads(stage)))
-            out[label] = [[*stamp, content_digest(stamp[0])] if digests else list(stamp) for stamp in stamps]
+            out[label] = [[*stamp, recorded.get(stamp) or content_digest(stamp[0])] if digests else list(stamp)
+                          for stamp in stamps]
     return out
 
 

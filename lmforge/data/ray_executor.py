@@ -93,11 +93,13 @@ class _MapPhase:
         driver's `fixed`. On another machine a model copied to each node has another mtime and a symlink may resolve
         elsewhere, so comparing the driver's stamps failed every batch; a change on this node mid-run still fails,
         and the driver checks its own files before and after the run (`run_ray`). With their content digests, so a
-        file only touched is no change (`pipeline.describe_changes`)."""
+        file only touched is no change (`pipeline.describe_changes`): the driver's where path, size and mtime match,
+        else read once per machine (utils.remembered_sha256)."""
         if self.fixed is None:
             return None
         if self.run not in _FIRST_SEEN:
-            _FIRST_SEEN[self.run] = {k: v for k, v in stage_files(self.cfg, digests=True).items() if k in self.fixed}
+            now = stage_files(self.cfg, digests=True, known=self.fixed)
+            _FIRST_SEEN[self.run] = {k: v for k, v in now.items() if k in self.fixed}
         return _FIRST_SEEN[self.run]
 
     def __call__(self, batch: Any) -> Any:

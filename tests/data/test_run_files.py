@@ -228,3 +228,36 @@ def test_a_file_touched_but_not_changed_lets_a_run_resume_and_go_on(tmp_path, mo
     with pytest.raises(ConfigError, match=r"the files stage 'decontam' reads changed since the run .* was made: "
                                           r"1 changed size or content \(a\.jsonl\)"):
         run_local(load_pipeline(p))
+
+
+def test_a_stage_files_digest_is_read_once_not_at_every_start_or_resume(tmp_path, monkeypatch):
+    """Every pipeline start or resume, and every Ray worker process, read each stage file whole for its content
+    digest (found 2026-12-07: seconds to minutes for a multi-GB classifier or KenLM model where a stat used to do).
+    The digest is remembered on disk under the file's path, size, mtime and inode (utils.remembered_sha256, as a
+    HF base's weights are), and a resume takes the one its pipeline.json recorded where path, size and mtime match."""
+    import hashlib
+
+    from lmforge.data.pipeline import stage_files
+    from lmforge.utils import HASH_CACHE_ENV, content_digest
+
+    p, spec = _tokenize_pipeline(tmp_path)
+    cfg = load_pipeline(p)
+    reads, real = [], hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, d: reads.append(Path(f.name).name) or real(f, d))
+    monkeypatch.setenv(HASH_CACHE_ENV, str(tmp_path / "cache"))
+    content_digest.cache_clear()
+    first = stage_files(cfg, digests=True)
+    assert reads == [spec.name] and first["tokenize"][0][3] == real(open(spec, "rb"), "sha256").hexdigest()
+    content_digest.cache_clear()  # a new process: a resume, a Ray worker
+    assert stage_files(cfg, digests=True) == first and reads == [spec.name]
+    run_local(cfg)
+    assert reads == [spec.name]
+    for cache in ("wiped", "wiped-again"):  # no digest remembered on this machine: the recorded one is taken
+        monkeypatch.setenv(HASH_CACHE_ENV, str(tmp_path / cache))
+        content_digest.cache_clear()
+        run_local(cfg)
+        assert reads == [spec.name]
+    _touch(spec)  # a new mtime: read again, the same bytes
+    content_digest.cache_clear()
+    run_local(cfg)
+    assert reads == [spec.name] * 2

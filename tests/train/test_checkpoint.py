@@ -279,10 +279,10 @@ def test_a_hf_directory_is_hashed_once_until_its_files_change(tmp_path, monkeypa
     read again. The identity is the same either way."""
     _tiny_hf_dir(tmp_path / "hf")
     monkeypatch.setenv(ckpt.HASH_CACHE_ENV, str(tmp_path / "cache"))
-    from lmforge.checkpoint import identity  # (where checkpoint_identity reads sha256_file)
+    from lmforge import utils  # (where remembered_sha256 reads sha256_file)
 
     reads, plain = [], ckpt.sha256_file
-    monkeypatch.setattr(identity, "sha256_file", lambda p: reads.append(p.name) or plain(p))
+    monkeypatch.setattr(utils, "sha256_file", lambda p: reads.append(p.name) or plain(p))
     with pytest.raises(ConfigError, match="is not an adapter-only lmforge checkpoint .*nothing to rebase"):
         ckpt.rebase(tmp_path / "hf", tmp_path / "hf")  # (a HF directory has no base to move)
     first = ckpt.checkpoint_identity(tmp_path / "hf")

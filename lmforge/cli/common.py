@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from contextlib import contextmanager
 from typing import Callable, TypeVar
@@ -33,7 +34,6 @@ def _split_config_flag(argv: list[str], flag: str = "--config", what: str = "a f
 
 def _required_flags(cls: type, argv: list[str]) -> dict[str, str]:
     """Required string fields (such as --checkpoint) given as flags, so a --config file may leave them out."""
-    import dataclasses
 
     out = {}
     for f in dataclasses.fields(cls):
@@ -55,18 +55,17 @@ def _field_type(tp) -> tuple[type, bool]:
     return tp, False
 
 
-def _options(cls: type, prefix: str = "") -> dict[str, type]:
+def _option_fields(cls: type, prefix: str = "") -> dict[str, tuple[type, dataclasses.Field]]:
     """Every option tyro makes of a config, spelled as `--help` shows it (`--model.n-layers`; a section marked
-    tyro.conf.OmitArgPrefixes adds no prefix: sampling's `--temperature`) -> the type it holds. Positional arguments
-    are left out, and so are lists of tables (`[[data.sources]]`) and of functions; the options of a section that
-    defaults to None are in (a flag of one opens it: open_sections)."""
+    tyro.conf.OmitArgPrefixes adds no prefix: sampling's `--temperature`) -> (the type it holds, its field).
+    Positional arguments are left out, and so are lists of tables (`[[data.sources]]`) and of functions; the options
+    of a section that defaults to None are in (a flag of one opens it: open_sections)."""
     import collections.abc
-    import dataclasses
     import typing
 
     import tyro
 
-    out: dict[str, type] = {}
+    out: dict[str, tuple[type, dataclasses.Field]] = {}
     hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         marks = getattr(hints[f.name], "__metadata__", ())
@@ -78,10 +77,15 @@ def _options(cls: type, prefix: str = "") -> dict[str, type]:
                for a in typing.get_args(tp)):  # (a list of tables, TOML only, or of functions: tyro makes no flag)
             continue
         if dataclasses.is_dataclass(tp):
-            out |= _options(tp, prefix if tyro.conf.OmitArgPrefixes in marks else f"{prefix}{name}.")
+            out |= _option_fields(tp, prefix if tyro.conf.OmitArgPrefixes in marks else f"{prefix}{name}.")
         else:
-            out[f"--{prefix}{name}"] = tp
+            out[f"--{prefix}{name}"] = (tp, f)
     return out
+
+
+def _options(cls: type) -> dict[str, type]:
+    """Every option tyro makes of a config (`_option_fields`) -> the type it holds."""
+    return {flag: tp for flag, (tp, _) in _option_fields(cls).items()}
 
 
 def _bool_flags(cls: type) -> set[str]:
@@ -114,22 +118,12 @@ def bare_bools(cls: type, argv: list[str]) -> list[str]:
     return out
 
 
-def _name_lists(cls: type, prefix: str = "") -> set[str]:
-    """Dotted names of the fields holding tuples of names (lmforge.config.names_field), at any depth."""
-    import dataclasses
-    import typing
-
+def _name_lists(cls: type) -> set[str]:
+    """The options holding tuples of names (lmforge.config.names_field), at any depth, spelled as _options spells
+    them (`--lora.targets`, `--model.layer-types`)."""
     from lmforge.config import NAMES
 
-    out: set[str] = set()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp, _ = _field_type(hints[f.name])
-        if f.metadata.get(NAMES):
-            out.add(prefix + f.name)
-        elif dataclasses.is_dataclass(tp):
-            out |= _name_lists(tp, f"{prefix}{f.name}.")
-    return out
+    return {flag for flag, (_, f) in _option_fields(cls).items() if f.metadata.get(NAMES)}
 
 
 def split_names(cls: type, argv: list[str]) -> list[str]:
@@ -142,7 +136,7 @@ def split_names(cls: type, argv: list[str]) -> list[str]:
     for a in argv:
         if a.startswith("--"):
             flag, eq, value = a.partition("=")
-            inside = flag[2:].replace("-", "_") in names
+            inside = flag.replace("_", "-") in names
             if inside and eq:
                 out += [flag, *(p for p in value.split(",") if p)] if value.strip(",") else [a]
                 inside = False
@@ -157,7 +151,6 @@ def split_names(cls: type, argv: list[str]) -> list[str]:
 
 def _section_types(cls: type) -> dict[str, tuple[type, bool]]:
     """Top-level fields of `cls` that are config sections: name -> (dataclass, whether it defaults to None)."""
-    import dataclasses
     import typing
 
     hints = typing.get_type_hints(cls)
@@ -183,7 +176,6 @@ def open_sections(cls: type, argv: list[str], data: dict) -> bool:
     """A flag inside a section that defaults to None (`--model.moe.n_experts 8`: ModelConfig.moe is
     `MoEConfig | None`) opens that section in `data` with its defaults, as a `[model.moe]` table would:
     tyro offers no flags for a section whose value is None. True when a section was opened."""
-    import dataclasses
     import typing
 
     opened = False
@@ -218,7 +210,6 @@ def refuse_bare_word(cls: type, argv: list[str], prog: str, given: dict) -> None
     """A first argument that is no flag, to a command that takes no positional argument (`lmforge sample runs/demo`,
     as `lmforge export runs/demo OUT` takes it), is a one-line error naming the flag its value wants; tyro called the
     path an unrecognized option beside a missing --checkpoint. `given`: the values a --config file set."""
-    import dataclasses
     import typing
 
     import tyro
@@ -241,7 +232,6 @@ def refuse_bare_word(cls: type, argv: list[str], prog: str, given: dict) -> None
 def _help_registry():
     """tyro's rules with one change: an option whose default is an empty list, tuple or dict (`--data.val`,
     `--stop-token-ids`) says "(default: none)" in its help; tyro printed "(default: )"."""
-    import dataclasses
 
     from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
 
@@ -295,7 +285,6 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
                  default: T | None = None, config_file: bool = True) -> T:
     """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
     the remaining `--section.key value` flags override them."""
-    import dataclasses
 
     import tyro
 

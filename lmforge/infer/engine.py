@@ -624,6 +624,7 @@ class Engine:
     def fork(self, parent: Sequence, index: int, after: Sequence | None = None) -> Sequence:
         """A copy of parent (tokens, cache blocks shared copy-on-write) running right behind `after`."""
         if self.kv_policy is not None:  # the children share the parent's compacted blocks
+            self._register_blocks(parent)  # its lossless prompt blocks first: once it evicts they are never named
             self.kv_policy.apply(parent)
         child = self._sequence(parent.request, index, list(parent.tokens))
         child.num_computed, child.block_keys = parent.num_computed, list(parent.block_keys)

@@ -95,11 +95,12 @@ def test_beam_searches_waiting_on_each_others_blocks_make_progress(tok, policy):
     """Two width-3 beam searches on a 12-block pool: the idle beams of each held the blocks that the other's
     preempted beams needed, and every running beam waited on a sibling ("could not fit any sequence", 2026-12-05).
     The newest request's beams now give their blocks back and recompute later; each request gets the beams it
-    gets alone."""
+    gets alone. (Prefix caching off: with it the second prompt shares the first's named prompt blocks, and the
+    pool no longer runs short.)"""
     model = tiny_model("llama")
     sp = SamplingParams(temperature=0, beam_width=3, max_tokens=5, ignore_eos=True)
     prompts = [PROMPT[:11], PROMPT[:10]]
-    config = dict(block_size=4, kv_policy=policy, max_num_seqs=4, max_num_batched_tokens=64)
+    config = dict(block_size=4, kv_policy=policy, max_num_seqs=4, max_num_batched_tokens=64, prefix_caching=False)
     alone = [run_requests(Engine(model, tok, EngineConfig(**config)), [(p, sp)])[0] for p in prompts]
     engine = Engine(model, tok, EngineConfig(**config, num_kv_tokens=48))
     outs = run_requests(engine, [(p, sp) for p in prompts])
@@ -340,6 +341,27 @@ def test_prefix_cache_never_hands_out_lossy_blocks(tok, kind):
         chunked.step()
     # chunks of 12: 24 keys held before the first eviction; the chunks after it saw a lossy context
     assert len(chunked.pool.cached) == 24 // 4 < len(PROMPT) // 4
+
+
+@pytest.mark.parametrize("policy,hits", [(StreamingLLM(**STREAM), (len(PROMPT) - 1) // 4),
+                                          (SnapKV(budget=7, window=6, pool_kernel=3), (len(PROMPT) - 6) // 4)])
+def test_n_samples_name_their_prompt_blocks_before_the_fork_compacts(tok, policy, hits):
+    """n > 1: the fork after the prompt's step compacts the parent first (the samples share its compacted
+    blocks), and a sequence that evicted is never named, so the lossless prompt blocks were never named and the
+    same prompt again hit nothing (0 of its blocks). They are named before that compaction, as with n = 1."""
+    model = tiny_model("llama")
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, chunked_prefill=False))
+    sp = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, n=2, seed=3, logprobs=0)
+    outs = []
+    for _ in range(2):
+        req = engine.requests[engine.add_request(PROMPT, sp)]
+        while engine.has_unfinished():
+            engine.step()
+        outs.append([(s.tokens, s.logprobs) for s in req.seqs])
+    assert engine.pool.stats.hit_blocks == hits > 0
+    assert [t for t, _ in outs[1]] == [t for t, _ in outs[0]]
+    for (_, a), (_, b) in zip(outs[0], outs[1]):
+        assert b == pytest.approx(a, abs=1e-5)
 
 
 def test_snapkv_computes_its_window_after_a_prefix_hit(tok):

@@ -375,6 +375,8 @@ def encode_prompt(tokenizer, prompt, params: SamplingParams, index: int, vocab_s
             ids = ids[-keep:]
     elif len(ids) > longest:
         score = " (a score-only prompt, max_tokens=0, may hold max_seq_len + 1)" if params.max_tokens == 0 else ""
+        if len(ids) <= max_seq_len:  # (it fits the window, but leaves no room for a new token)
+            score = f" and must also hold a new token (at most {longest} prompt tokens)"
         raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
                            f"{max_seq_len}{score}; shorten it or set truncate_prompt=True (on the command line: "
                            "--truncate-prompt True)")

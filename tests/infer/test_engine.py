@@ -133,6 +133,8 @@ def test_bad_input_is_a_one_line_error_and_the_engine_keeps_serving(tok):
     good = engine.add_request("fine", sp)
     engine.step()
     bad = [("a" * 200, sp, "200 tokens.*context window is 128"),
+           # a prompt as long as the window fits it but leaves no room: "128 tokens but the window is 128" alone
+           ("a" * 128, sp, r"128 tokens but the context window is 128 and must also hold a new token \(at most 127 "),
            ([1, 999], sp, "token id 999"),
            ("", sp, "empty"),
            ("x" * 60, SamplingParams(max_tokens=60), "needs 8 KV blocks but the pool has 4"),

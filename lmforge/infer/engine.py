@@ -300,16 +300,24 @@ class Engine:
             bound = min(bound, self.scheduler.max_positions)
         # beams advance together; n samples take turns through preemption, unless a server wants them all at once
         width = max(params.n, params.beam_width) if self.config.strict_admission else params.beam_width
-        need = self.pool.request_blocks(len(ids), length, width, self.window,
-                                        self.config.max_num_batched_tokens + 1, bound,  # (+ a draft's lag)
-                                        policy=self.kv_policy is not None)
+        def blocks(length: int, width: int) -> int:
+            return self.pool.request_blocks(len(ids), length, width, self.window,
+                                            self.config.max_num_batched_tokens + 1, bound,  # (+ a draft's lag)
+                                            policy=self.kv_policy is not None)
+
+        need = blocks(length, width)
         if need > self.pool.num_blocks:
             many = "" if width == 1 else f" in {width} beams" if params.beam_width > 1 else f" in {width} samples"
-            lower = ("max_tokens or n" if width > params.beam_width else "max_tokens") if params.max_tokens else ""
+            # lowering max_tokens helps only where the prompt and one new token fit (a KV policy's bound, H2O's,
+            # may count the prompt alone); n only where one sample fits
+            lower = [f for f, fits in (("max_tokens", blocks(min(length, len(ids) + 1), width)),
+                                       ("n", blocks(length, 1) if width > params.beam_width else None))
+                     if fits is not None and fits <= self.pool.num_blocks and (f == "n" or params.max_tokens)]
+            why = "it only scores, no new tokens to lower" if not params.max_tokens else "fewer new tokens do not fit"
             raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{many} needs "
                                f"{need} KV blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
-                               f"gpu_memory_utilization" + (f", or lower {lower}" if lower else " (or shorten the "
-                                                            "prompt: it only scores, no new tokens to lower)"))
+                               f"gpu_memory_utilization" + (f", or lower {' or '.join(lower)}" if lower else
+                                                            f" (or shorten the prompt: {why})"))
         return params, length
 
     def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:

@@ -137,7 +137,9 @@ def test_bad_input_is_a_one_line_error_and_the_engine_keeps_serving(tok):
            ("a" * 128, sp, r"128 tokens but the context window is 128 and must also hold a new token \(at most 127 "),
            ([1, 999], sp, "token id 999"),
            ("", sp, "empty"),
-           ("x" * 60, SamplingParams(max_tokens=60), "needs 8 KV blocks but the pool has 4"),
+           ("x" * 60, SamplingParams(max_tokens=60), "needs 8 KV blocks but the pool has 4; .*, or lower max_tokens$"),
+           # the prompt alone outgrows the pool: fewer new tokens cannot help (it said "or lower max_tokens")
+           ("x" * 100, sp, r"needs 7 KV blocks but the pool has 4; .* \(or shorten the prompt: fewer new tokens do "),
            ("ok", {"temperature": 0}, "SamplingParams")]
     for prompt, params, msg in bad:
         with pytest.raises(LmforgeError, match=msg) as e:

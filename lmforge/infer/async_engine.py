@@ -199,10 +199,10 @@ class AsyncEngine:
     async def add_chat_request(self, conversation, params: SamplingParams | None = None,
                                request_id: str | None = None, *, template, prompt_index: int = 0,
                                **options) -> str:
-        """Queue one conversation (OpenAI- or HF-style messages) rendered by `template` (a ChatTemplate:
-        lmforge.infer.chat_template.choose_template, checkpoint_chat_template) as add_request queues a prompt:
-        rendered and tokenized on the encoding threads (lmforge.infer.chat_template.chat_request: the template's
-        end-of-turn stops join params; options: add_generation_prompt, continue_final_message, tools,
+        """Queue one conversation (OpenAI- or HF-style messages) rendered by `template` (a ChatTemplate; a
+        checkpoint's is choose_template(tokenizer, recorded=checkpoint_chat_template(path))[0]) as add_request
+        queues a prompt: rendered and tokenized on the encoding threads (lmforge.infer.chat_template.chat_request:
+        the template's end-of-turn stops join params; options: add_generation_prompt, continue_final_message, tools,
         chat_template_kwargs), its seed that of conversation `prompt_index` of LLM.chat, its outputs' prompt the
         rendered text. Bad messages raise here (ConfigError / LmforgeError: a server's 400) with nothing queued."""
         if self._closed:

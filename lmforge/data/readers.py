@@ -112,20 +112,33 @@ class NotCompressed(CorruptArchive):
 # what a damaged or cut compressed file raises while it is read: gzip's EOFError/BadGzipFile/zlib.error, ours
 ARCHIVE_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, CorruptArchive)
 
-# the first bytes of every gzip member (RFC 1952, 2.3.1) and zstd frame (RFC 8878, 3.1.1)
+# the first bytes of every gzip member (RFC 1952, 2.3.1) and zstd frame (RFC 8878, 3.1.1); a zstd stream may also
+# open with a skippable frame (3.1.2: magic 0x184D2A50-5F, little-endian; pzstd writes one first)
 MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
+
+
+def _opens_as(head: bytes, codec: str) -> bool:
+    """Whether `head` (a file's first bytes) may open a `codec` stream, as far as it goes."""
+    n = min(len(head), len(MAGIC[codec]))
+    if head[:n] == MAGIC[codec][:n]:
+        return True
+    return codec == "zstd" and 0x50 <= head[0] <= 0x5F and head[1:4] == b"\x2a\x4d\x18"[:len(head) - 1]
 
 
 def _check_magic(path: Path, codec: str) -> None:
     """Raise NotCompressed for a file whose name says `codec` and whose first bytes say otherwise, which the
-    decompressor would report as damage ("BadGzipFile: Not a gzipped file") when renaming is the fix. An empty
-    file, or one shorter than the magic number that matches as far as it goes, is left to the decompressor."""
+    decompressor would report as damage ("BadGzipFile: Not a gzipped file") when renaming is the fix: to the
+    suffix of the codec its bytes do open (gzip named .zst), else with the suffix dropped. An empty file, or one
+    shorter than the magic number that matches as far as it goes, is left to the decompressor."""
     with open(path, "rb") as f:
         head = f.read(4)  # (shown in the message)
-    n = min(len(head), len(MAGIC[codec]))
-    if head[:n] != MAGIC[codec][:n]:
-        raise NotCompressed(f"{path}: not {codec}-compressed despite its name (it starts with {head!r}); "
-                            f"rename it to {path.name[: -len(path.suffix)]}")
+    if not head or _opens_as(head, codec):
+        return
+    base = path.name[: -len(path.suffix)]
+    other = next((c for c in MAGIC if c != codec and _opens_as(head, c)), None)
+    what = f"{other}-compressed, not {codec} as its name says" if other else f"not {codec}-compressed despite its name"
+    raise NotCompressed(f"{path}: {what} (it starts with {head!r}); rename it to {base + SUFFIX.get(other, '')}")
 
 
 def archive_reason(e: BaseException) -> str:

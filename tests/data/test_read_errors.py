@@ -70,6 +70,26 @@ def test_a_plain_file_named_compressed_is_told_to_be_renamed(tmp_path, name, cod
     assert docs[0].meta["error"] == (f"NotCompressed: {p}: not {codec}-compressed despite its name (it starts with "
                                      f"{ROWS[:4]!r}); rename it to {stem}")
 
+
+def test_a_zstd_stream_opening_with_a_skippable_frame_reads_and_a_misnamed_codec_names_the_right_suffix(tmp_path):
+    """pzstd opens its output with a skippable frame (RFC 8878 3.1.2, magic 0x184D2A50): the magic check refused it
+    as 'not zstd-compressed'; a gzip file named .zst was told to drop the suffix (then read as plain text)."""
+    import gzip
+    import struct
+
+    zstandard = pytest.importorskip("zstandard")
+    skip = struct.pack("<II", 0x184D2A50, 4) + b"pzst"
+    p = tmp_path / "skip.jsonl.zst"
+    p.write_bytes(skip + zstandard.ZstdCompressor().compress(ROWS))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(ROWS)
+    assert [d.text for d in read_documents(p)] == [d.text for d in read_documents(plain)] and len(plain.read_text())
+    wrong = tmp_path / "wrong.jsonl.zst"
+    wrong.write_bytes(gzip.compress(ROWS))
+    (doc,) = read_documents(wrong)
+    assert doc.meta["error"].endswith("gzip-compressed, not zstd as its name says (it starts with "
+                                      f"{gzip.compress(ROWS)[:4]!r}); rename it to wrong.jsonl.gz")
+
 def _warc(n: int, gz: bool) -> tuple[bytes, list[int]]:
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter

@@ -240,7 +240,10 @@ def remembered_sha256(path: Path) -> str:
     verification of an lmforge checkpoint, checkpoint.store._verify, always reads.)"""
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()
-    root = Path(os.environ.get(HASH_CACHE_ENV) or Path.home() / ".cache" / "lmforge" / "sha256")
+    try:
+        root = Path(os.environ.get(HASH_CACHE_ENV) or Path.home() / ".cache" / "lmforge" / "sha256")
+    except RuntimeError:  # no home directory (HOME unset, a uid without a passwd entry): read, not remembered
+        return sha256_file(path)
     try:
         known = (root / key).read_text()
         if len(known) == 64:

@@ -261,3 +261,21 @@ def test_a_stage_files_digest_is_read_once_not_at_every_start_or_resume(tmp_path
     content_digest.cache_clear()
     run_local(cfg)
     assert reads == [spec.name] * 2
+
+
+def test_a_digest_without_a_home_directory_is_read_not_remembered(tmp_path, monkeypatch):
+    """No HOME and a uid without a passwd entry (a container run with --user): Path.home() raises RuntimeError,
+    which the remembered-digest cache let out of every pipeline start; the digest is read instead."""
+    import hashlib
+    from pathlib import Path
+
+    from lmforge import utils
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("LMFORGE_HASH_CACHE", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"weights" * 100)
+    assert utils.remembered_sha256(f) == hashlib.sha256(b"weights" * 100).hexdigest()

@@ -120,6 +120,13 @@ class Encoder:
         self.tok, self.template, self.loss_on = tokenizer, get_template(template), loss_on
         check_template(tokenizer, self.template)
         self.eos = getattr(tokenizer, "eot_id", None)
+        if self.eos is None and not MARKER.search(self.template.end):
+            import warnings
+
+            warnings.warn(f"chat template {self.template.name!r} ends an answer with {self.template.end!r}, which "
+                          "cannot tell its end, and the tokenizer has no end-of-text token to close it with: a model "
+                          "trained on this data will not stop by itself; use a tokenizer with one (eot_id) or a "
+                          "template with end markers", stacklevel=2)
 
     def chat(self, messages: Any, where: str, field_name: str = "messages", n_prompt: int = 0) -> Example:
         """field_name: the record field the messages came from (a preference pair's are prompt + chosen/rejected).

@@ -464,3 +464,9 @@ def test_a_plain_answer_of_several_lines_is_closed_by_end_of_text_which_generati
     asked = _chat("2+2?", "4") + [{"role": "user", "content": "and 3+3?"}]
     ids, _ = D.Encoder(TOK, "plain", loss_on="all").chat(asked, "x:2")
     assert TOK.eot_id not in ids and bytes(ids).decode().endswith("User: and 3+3?\n")
+
+
+def test_a_plain_template_with_no_end_of_text_token_is_warned_about():
+    """Without an end-of-text token nothing can close a plain answer (its "\\n" cannot): said at once."""
+    with pytest.warns(UserWarning, match=r"chat template 'plain' ends an answer with '\\n'.*will not stop by itself"):
+        D.Encoder(ByteTokenizer(()), "plain")

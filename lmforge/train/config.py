@@ -20,6 +20,16 @@ if TYPE_CHECKING:
     import torch
 
 
+def _check_paths(cfg, key: str) -> None:
+    """An empty path ('' on a command line) read as '.', the current folder: refused by name instead."""
+    for split in ("train", "val"):
+        paths = getattr(cfg, split)
+        check(all(p.strip() for p in paths),
+              f"{key}.{split} holds an empty path, {list(paths)}: give token shard files, directories or glob patterns"
+              + ("" if split == "train" else f", or none to hold out the last data.val_fraction of {key}.train"
+                 + (" (--data.val with no value on a command line)" if key == "data" else "")))
+
+
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
     """One named data source of a mixture (mid-training)."""
@@ -33,6 +43,7 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self, "data.sources")  # each field's type, named when wrong
+        _check_paths(self, f"data.sources ({self.name!r})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +84,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self, "data")  # each field's type, named when wrong
+        _check_paths(self, "data")
         check(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}")
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")

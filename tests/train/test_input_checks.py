@@ -328,3 +328,19 @@ def test_a_token_id_past_the_vocabulary_is_one_line_naming_shard_id_and_vocab(tm
                                         r"the model's is 300\)"):
         BatchSampler(train, 1, 32, "sequential", 0).next()
     assert np.array_equal(train[0].window(11, 5), np.frombuffer(synthetic_text().encode(), np.uint8)[11:16])
+
+
+def test_an_empty_shard_path_is_refused_by_name():
+    """`--data.val ''` (meant: no validation shards) was read as '.', and the run failed on "data.val: . holds no
+    *.bin token shard", naming a folder the user never gave."""
+    with pytest.raises(ConfigError, match=r"^data.val holds an empty path, \[''\]: give token shard files, directories "
+                                          r"or glob patterns, or none to hold out the last data.val_fraction of "
+                                          r"data.train \(--data.val with no value on a command line\)$"):
+        DataConfig(train=("a.bin",), val="")
+    with pytest.raises(ConfigError, match=r"^data.train holds an empty path, \['a.bin', ' '\]: give token shard"):
+        DataConfig(train=("a.bin", " "))
+    with pytest.raises(ConfigError, match=r"^data.sources \('web'\).val holds an empty path, \[''\]: give token "
+                                          r"shard files, directories or glob patterns, or none to hold out the last "
+                                          r"data.val_fraction of data.sources \('web'\).train$"):
+        SourceConfig(name="web", train=("a.bin",), val=("",))
+    assert DataConfig(train=("a.bin",)).val == ()

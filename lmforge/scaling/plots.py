@@ -1,6 +1,6 @@
 """Scaling-law figures (matplotlib, imported lazily; `pip install 'lmforge[plot]'`).
 
-    isoflop_plot        loss vs N per budget, with each fitted parabola and its minimum (approach 2)
+    isoflop_plot        loss vs N per budget, with each fitted parabola and its minimum (approach 2, where it fits)
     frontier_plot       N_opt(C) and D_opt(C) points with the fitted power laws (approaches 1/2/3)
     predicted_vs_observed   approach 3's L(N, D) against the measured losses, with the y = x line
 """
@@ -38,22 +38,27 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def isoflop_plot(runs: Runs, frontier: Frontier, path: str | Path) -> Path:
+def isoflop_plot(runs: Runs, frontier: Frontier | None, path: str | Path) -> Path:
+    """The measured losses per budget; approach 2's parabolas and minima where it fitted (frontier None: where it
+    did not, so a table too small to fit still shows why)."""
     plt = _plt()
+    parabolas = frontier.parabolas if frontier is not None else {}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     budgets = np.unique(runs.budget)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))
     for c, color in zip(budgets, colors):
         sel = runs.budget == c
         # a budget is left out for too few sizes, no minimum, or one outside the sizes: fit.json says which
-        note = "" if float(c) in frontier.parabolas else " (left out of the frontier)"
+        note = "" if float(c) in parabolas else " (left out of the frontier)"
         ax.scatter(runs.n[sel], runs.loss[sel], color=color, s=18, label=f"C = {c:.2g}{note}")
-        if float(c) in frontier.parabolas:
-            c2, c1, c0 = frontier.parabolas[float(c)]
+        if float(c) in parabolas:
+            c2, c1, c0 = parabolas[float(c)]
             x = np.linspace(np.log(runs.n[sel].min()), np.log(runs.n[sel].max()), 100)
             ax.plot(np.exp(x), c2 * x**2 + c1 * x + c0, color=color, lw=1)
-    ax.scatter(frontier.n_opt, frontier.loss_opt, marker="*", s=120, color="red", zorder=3, label="fitted minima")
-    ax.set(xscale="log", xlabel="parameters N", ylabel="final validation loss", title="IsoFLOP profiles")
+    if frontier is not None:
+        ax.scatter(frontier.n_opt, frontier.loss_opt, marker="*", s=120, color="red", zorder=3, label="fitted minima")
+    title = "IsoFLOP profiles" + ("" if frontier is not None else " (approach 2 not fitted: fit.json says why)")
+    ax.set(xscale="log", xlabel="parameters N", ylabel="final validation loss", title=title)
     ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -40,7 +40,8 @@ class FitConfig:
     out: str = ""
     """directory for fit.json and the plots ('' = beside the table)"""
     plots: bool = True
-    """write isoflop.png, frontier.png and predicted_vs_observed.png beside fit.json (needs matplotlib)"""
+    """write isoflop.png (the measured losses, approach 2's parabolas where it fits), frontier.png (where approach 2
+    fits) and predicted_vs_observed.png (where approach 3 fits) beside fit.json (needs matplotlib)"""
     extrapolate: bool = False
     """approach 2: accept IsoFLOP minima outside the sizes trained at a budget"""
     strict: bool = False
@@ -144,10 +145,10 @@ def write_report(cfg: FitConfig, report: dict) -> Path:
     runs, iso, par = report.pop("_objects")
     out = out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.plots:
+    if cfg.plots:  # the measured losses always: a table no approach fits is plotted too, to show why
+        report["plots"] = [str(isoflop_plot(runs, iso, out / "isoflop.png"))]
         if iso is not None:
-            report["plots"] = [str(isoflop_plot(runs, iso, out / "isoflop.png")),
-                               str(frontier_plot(iso, out / "frontier.png", par))]
+            report["plots"].append(str(frontier_plot(iso, out / "frontier.png", par)))
         if par is not None:
             report.setdefault("plots", []).append(
                 str(predicted_vs_observed(runs, par, out / "predicted_vs_observed.png")))

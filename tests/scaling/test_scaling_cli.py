@@ -428,3 +428,20 @@ def test_a_sweep_checks_its_inputs_once_and_bad_input_is_one_line(tmp_path, monk
             "--data out to train on the default text")
     assert [line for line in err.splitlines() if "error" in line] == [want]
     assert err.count("no such file") == 1 and "Traceback" not in err and not (tmp_path / "c").exists()
+
+
+def test_fit_of_a_table_no_approach_fits_still_plots_its_losses(tmp_path, capsys):
+    """A first CPU sweep too small for any approach (2 budgets, 1-2 sizes each) wrote fit.json and no plot at all,
+    and said nothing of it: the IsoFLOP profile of the measured losses, which shows why, is written whatever fits."""
+    pytest.importorskip("matplotlib")
+    from lmforge.cli.scaling import main
+
+    rows = _isoflop_rows()
+    rows = [r for r in rows if r["budget"] == 1e18][:1] + [r for r in rows if r["budget"] == 1e19][:2]
+    table = write_rows(rows, tmp_path / "runs.csv")
+    assert main(["fit", "--table", str(table), "--bootstrap", "0", "--progress", "False"]) == 0
+    report = json.loads((tmp_path / "fit.json").read_text())
+    assert report["predictions"] == {} and {"approach2", "approach3"} <= set(report["skipped"])
+    assert report["plots"] == [str(tmp_path / "isoflop.png")]
+    assert (tmp_path / "isoflop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "frontier.png").exists()

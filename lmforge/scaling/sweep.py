@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config import check
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, TrainingDiverged
 from lmforge.scaling.flops import flops_per_token, num_params
 from lmforge.scaling.table import read_json
 from lmforge.utils import check_output_path, write_json_atomic
@@ -218,7 +218,13 @@ def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
     for run, rec in zip(runs, found):
         run_dir = _run_dir(cfg, run)
         if rec is None:
-            res = train(_train_cfg(cfg, run, shards, run_dir))
+            try:
+                res = train(_train_cfg(cfg, run, shards, run_dir))
+            except TrainingDiverged as e:  # its fix names the trainer's keys (optim.lr), not this command's flags
+                what = str(e).split("; stopped")[0]
+                raise TrainingDiverged(f"the sweep's run C={run['budget']:.1e} depth={run['depth']} ({run_dir}) "
+                                       f"diverged: {what}; lower --lr or raise --warmup-frac, with a new --out (the "
+                                       "runs finished in this one keep their settings)") from None
             evals = [(h["tokens"], h["val_loss"]) for h in res.history if "val_loss" in h and h.get("tokens")]
             rec = {**run, "loss": res.final_val_loss, "wall_time": res.wall_time,
                    "C": 6.0 * run["N"] * run["D"],

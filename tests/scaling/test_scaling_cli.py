@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -445,3 +446,19 @@ def test_fit_of_a_table_no_approach_fits_still_plots_its_losses(tmp_path, capsys
     assert report["plots"] == [str(tmp_path / "isoflop.png")]
     assert (tmp_path / "isoflop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "frontier.png").exists()
+
+
+def test_a_diverged_sweep_run_is_named_with_the_sweeps_own_flags(tmp_path):
+    """A sweep point that diverged stopped the sweep with the trainer's "Lower optim.lr or raise optim.warmup_steps":
+    keys `lmforge scaling sweep` does not take, and no word of which (budget, depth) it was."""
+    from lmforge.errors import TrainingDiverged
+    from lmforge.scaling.sweep import main_sweep
+
+    cfg = SweepConfig(budgets=(2e8,), depths=(1,), width=8, min_steps=3, seq_len=16, batch_size=4, lr=1e6,
+                      evals=1, eval_batches=1, out=str(tmp_path / "sw"))
+    run_dir = re.escape(str(tmp_path / "sw" / "C2e+08_d1"))
+    with pytest.raises(TrainingDiverged, match=rf"^the sweep's run C=2.0e\+08 depth=1 \({run_dir}\) "
+                                               r"diverged: (loss|grad_norm) became (nan|inf) at step \d+; lower --lr "
+                                               r"or raise --warmup-frac, with a new --out \(the runs finished in this "
+                                               r"one keep their settings\)$"):
+        main_sweep(cfg)

@@ -22,9 +22,14 @@ def model_summary(cfg) -> str:
     from lmforge.scaling.flops import num_params
 
     m, n = cfg.model, num_params(cfg.model)
+    # the first step compiles with no line or bar moving (about a minute at toy size on a CPU; compile_tune adds
+    # 20-130 s on a GPU): said before it, not left to look like a hang
+    slow = ("; compile = true: the first step compiles the model first (a minute or more, the bar still)"
+            if cfg.compile else "")
     return (f"model: {n / 1e6:,.2f}M parameters ({num_params(m, exclude_embeddings=True) / 1e6:,.2f}M without "
             f"embeddings), {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}; "
-            f"{cfg.max_steps} steps x {cfg.tokens_per_step:,} tokens = {cfg.max_steps * cfg.tokens_per_step:,} tokens")
+            f"{cfg.max_steps} steps x {cfg.tokens_per_step:,} tokens = {cfg.max_steps * cfg.tokens_per_step:,} tokens"
+            + slow)
 
 
 def pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:

@@ -707,3 +707,15 @@ def test_an_optimizer_built_before_apply_lora_is_refused(tmp_path):
                                           r"blocks.0.attn.wv.lora_A, \.\.\.\).*build the optimizer after apply_lora"):
         _tiny_run(tmp_path, [_rows(1)], model=model, optimizer=opt)
     _tiny_run(tmp_path, [_rows(1)], model=model, name="ok").fit()  # built after apply_lora: accepted
+
+
+def test_the_run_summary_says_a_compiled_first_step_compiles(tmp_path):
+    """With compile = true the first step sat for a minute (CPU, toy model) with nothing printed and the bar at 0:
+    a hang to the eye. The line printed before training says so; without compile it says nothing of it."""
+    from lmforge.cli.train import model_summary
+
+    cfg = tiny_config(tmp_path / "t.bin", tmp_path / "run")
+    assert model_summary(cfg) == ("model: 0.05M parameters (0.04M without embeddings), 2 layers, d_model 32, vocab "
+                                  "257; 40 steps x 256 tokens = 10,240 tokens")
+    assert model_summary(dataclasses.replace(cfg, compile=True)) == model_summary(cfg) + (
+        "; compile = true: the first step compiles the model first (a minute or more, the bar still)")

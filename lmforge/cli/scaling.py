@@ -153,6 +153,7 @@ def _flops(argv: list[str]) -> int:
     cfg, seq_len = _flops_model(a)
     n = num_params(cfg)
     print(f"N = {n:,} ({num_params(cfg, exclude_embeddings=True):,} without embeddings)")
+    print(f"D = {a.tokens:.4g} training tokens (--tokens)")  # the FLOPs below are for D, not the run's own tokens
     print(f"6ND         = {flops_6nd(n, a.tokens):.4g} FLOPs (N = all {n:,} parameters)")
     print(f"exact count = {flops_per_token(cfg, seq_len) * a.tokens:.4g} FLOPs (seq_len {seq_len})")
     return 0

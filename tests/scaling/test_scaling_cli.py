@@ -462,3 +462,14 @@ def test_a_diverged_sweep_run_is_named_with_the_sweeps_own_flags(tmp_path):
                                                r"or raise --warmup-frac, with a new --out \(the runs finished in this "
                                                r"one keep their settings\)$"):
         main_sweep(cfg)
+
+
+def test_flops_says_the_tokens_it_counts_for(capsys):
+    """`lmforge scaling flops --model run.toml` printed FLOPs for --tokens' default 1e9 with no word of D: read as
+    the run's own training FLOPs, which its max_steps x tokens per step are not."""
+    from lmforge.cli import main
+
+    assert main(["scaling", "flops", "--model", "llama-tiny"]) == 0
+    assert "\nD = 1e+09 training tokens (--tokens)\n" in capsys.readouterr().out
+    assert main(["scaling", "flops", "--model", "llama-tiny", "--tokens", "3.5e6"]) == 0
+    assert "\nD = 3.5e+06 training tokens (--tokens)\n" in capsys.readouterr().out

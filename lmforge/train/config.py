@@ -206,6 +206,15 @@ class LoopConfig:
                             f"step {start} of max_steps={self.max_steps} (optim.decay_fraction="
                             f"{self.optim.decay_fraction}): the rate jumps from its peak into the decay; lower "
                             "warmup_steps or decay_fraction")
+        elif self.optim.schedule == "inverse_sqrt" and self.optim.warmup_steps == 0 and self.max_steps > 1:
+            from lmforge.errors import warn_caller
+
+            # sqrt(warmup / (step + 1)): the warmup sets the scale (Vaswani et al.: 4000 steps); without one the rate
+            # halves by step 3 and sits at the min_lr_ratio floor from step 1/ratio^2 - 1 on
+            end = max(self.optim.min_lr_ratio, (1 / self.max_steps) ** 0.5)
+            warn_caller(f"optim.schedule='inverse_sqrt' with optim.warmup_steps=0 decays from the first step as "
+                        f"1/sqrt(step + 1): half of optim.lr by step 3, {end:.2g} of it for the last of max_steps="
+                        f"{self.max_steps}; set optim.warmup_steps, the step the decay starts from")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -251,6 +251,13 @@ def test_warmup_longer_than_the_run_warns_and_a_damaged_checkpoint_says_how_to_g
         warnings.simplefilter("error")
         tiny_config(tmp_path / "t.bin", tmp_path / "w", max_steps=100,
                     optim=dict(lr=1e-3, warmup_steps=80, schedule="wsd", decay_fraction=0.2))
+        tiny_config(tmp_path / "t.bin", tmp_path / "w", max_steps=1000,
+                    optim=dict(lr=1e-3, warmup_steps=100, schedule="inverse_sqrt"))
+    # inverse_sqrt without a warmup: 1/sqrt(step + 1) from step 0, at the 0.1 floor from step 99 of 1000, in silence
+    with pytest.warns(UserWarning, match=r"^optim.schedule='inverse_sqrt' with optim.warmup_steps=0 decays from the "
+                                         r"first step as 1/sqrt\(step \+ 1\): half of optim.lr by step 3, 0.1 of it "
+                                         r"for the last of max_steps=1000; set optim.warmup_steps"):
+        tiny_config(tmp_path / "t.bin", tmp_path / "w", max_steps=1000, optim=dict(lr=1e-3, schedule="inverse_sqrt"))
     shard = make_shard(tmp_path / "t.bin")
     train(tiny_config(shard, tmp_path / "run", max_steps=4, ckpt_every=2))
     newest = ckpt.checkpoint_dirs(tmp_path / "run")[-1]

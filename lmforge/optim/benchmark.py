@@ -127,6 +127,16 @@ def corpus_bytes(path: str = "") -> np.ndarray:
     text = b"".join(f.read_bytes() for f in sorted(lib.glob("*.py"))[:200])
     return np.frombuffer(text, dtype=np.uint8).astype(np.int64)
 
+def split_corpus(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The benchmark text's first 90% to train on and its last 10% held out (this benchmark's and `lmforge scaling
+    sweep`'s), refused naming their flags when a split cannot hold one window of seq_len + 1 tokens to draw."""
+    split = int(0.9 * len(ids))
+    if len(ids) - split < seq_len + 2:
+        raise DataError(f"the text (--data) has {len(ids):,} bytes, too few for a training and a validation window "
+                        f"of --seq-len {seq_len} (its last 10% is held out): give a text of at least "
+                        f"{10 * (seq_len + 2):,} bytes, or a shorter --seq-len")
+    return ids[:split], ids[split:]
+
 def _device(spec: str) -> torch.device:
     import torch
 
@@ -229,14 +239,9 @@ def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     # the merged runs are read before hours of training, so a mistyped --merge fails now, not at the end
     merged = merged_runs(cfg.merge) if cfg.merge else []
-    ids = corpus_bytes(cfg.data)
-    split = int(0.9 * len(ids))
-    if len(ids) - split < cfg.seq_len + 2:  # each split must hold one window of seq_len + 1 tokens to draw
-        raise DataError(f"the benchmark text has {len(ids):,} bytes, too few for a training and a validation "
-                        f"window of seq_len={cfg.seq_len} (10% of it is held out): give a text of at least "
-                        f"{10 * (cfg.seq_len + 2):,} bytes, or a shorter --seq_len")
-    train = _batches(ids[:split], cfg.steps, cfg, cfg.seed)
-    val = _batches(ids[split:], cfg.eval_batches, cfg, cfg.seed + 1)
+    train_ids, val_ids = split_corpus(corpus_bytes(cfg.data), cfg.seq_len)
+    train = _batches(train_ids, cfg.steps, cfg, cfg.seed)
+    val = _batches(val_ids, cfg.eval_batches, cfg, cfg.seed + 1)
     if dev.type == "cuda":  # TF32 matmuls, and one short discarded run so CUDA start-up is not timed
         torch.set_float32_matmul_precision("high")
         run_one(replace(cfg, steps=3, eval_every=3), cfg.optimizers[0], DEFAULT_LR[cfg.optimizers[0]], train, val)

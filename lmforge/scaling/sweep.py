@@ -130,13 +130,12 @@ def grid(cfg: SweepConfig) -> list[dict]:
 
 def _write_shards(cfg: SweepConfig) -> tuple[str, str]:
     from lmforge.data.shards import write_tokens
-    from lmforge.optim.benchmark import corpus_bytes
+    from lmforge.optim.benchmark import corpus_bytes, split_corpus
 
-    ids = corpus_bytes(cfg.data)
-    split = int(0.9 * len(ids))
+    train_ids, val_ids = split_corpus(corpus_bytes(cfg.data), cfg.seq_len)  # too short: said with the flags here
     out = Path(cfg.out) / "data"
-    train = write_tokens(out / "train.bin", ids[:split], vocab_size=257, tokenizer="byte")
-    val = write_tokens(out / "val.bin", ids[split:], vocab_size=257, tokenizer="byte")
+    train = write_tokens(out / "train.bin", train_ids, vocab_size=257, tokenizer="byte")
+    val = write_tokens(out / "val.bin", val_ids, vocab_size=257, tokenizer="byte")
     return str(train), str(val)
 
 

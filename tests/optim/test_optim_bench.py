@@ -144,7 +144,8 @@ def test_a_text_too_short_for_one_window_is_refused_in_one_line(tmp_path):
     cfg = OptimBenchConfig(optimizers=("lion",), depth=1, seq_len=16, batch_size=2, steps=2, lr_points=1,
                            eval_every=2, eval_batches=1, device="cpu", out=str(tmp_path / "out"),
                            data=str(tmp_path / "t.txt"))
-    with pytest.raises(DataError, match=r"has 11 bytes, too few .* at least 180 bytes, or a shorter --seq_len"):
+    with pytest.raises(DataError, match=r"^the text \(--data\) has 11 bytes, too few .* at least 180 bytes, or a "
+                                        r"shorter --seq-len$"):
         run_benchmark(cfg, log=lambda s: None)
 
 

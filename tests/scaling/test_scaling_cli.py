@@ -473,3 +473,19 @@ def test_flops_says_the_tokens_it_counts_for(capsys):
     assert "\nD = 1e+09 training tokens (--tokens)\n" in capsys.readouterr().out
     assert main(["scaling", "flops", "--model", "llama-tiny", "--tokens", "3.5e6"]) == 0
     assert "\nD = 3.5e+06 training tokens (--tokens)\n" in capsys.readouterr().out
+
+
+def test_a_sweep_text_too_short_is_refused_with_the_sweeps_flags(tmp_path):
+    """A --data text too short for the held-out 10% stopped the sweep with the trainer's "raise data.val_fraction,
+    give data.val shards, or lower data.seq_len": keys `lmforge scaling sweep` does not take."""
+    from lmforge.errors import DataError
+    from lmforge.scaling.sweep import main_sweep
+
+    (tmp_path / "t.txt").write_bytes(b"x" * 100)
+    cfg = SweepConfig(budgets=(2e8,), depths=(1,), width=8, min_steps=3, seq_len=16, batch_size=4, evals=1,
+                      eval_batches=1, data=str(tmp_path / "t.txt"), out=str(tmp_path / "sw"))
+    with pytest.raises(DataError, match=r"^the text \(--data\) has 100 bytes, too few for a training and a validation "
+                                        r"window of --seq-len 16 \(its last 10% is held out\): give a text of at least "
+                                        r"180 bytes, or a shorter --seq-len$"):
+        main_sweep(cfg)
+    assert not (tmp_path / "sw" / "C2e+08_d1").exists()

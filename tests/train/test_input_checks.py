@@ -344,3 +344,17 @@ def test_an_empty_shard_path_is_refused_by_name():
                                           r"data.val_fraction of data.sources \('web'\).train$"):
         SourceConfig(name="web", train=("a.bin",), val=("",))
     assert DataConfig(train=("a.bin",)).val == ()
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path, bpe_shards):
+    """["shards", "shards/*.bin"] listed every shard twice, which sampled each twice as often, in silence."""
+    from lmforge.train.data import shard_paths
+
+    _, _, _, train = bpe_shards
+    with pytest.raises(DataError, match=rf"^data.train: {re.escape(str(train))} is listed twice: a shard is read once"):
+        shard_paths((str(train.parent), str(train.parent / "*.bin")), "data.train")
+    other = train.parent / ".." / "a" / "train.bin"
+    with pytest.raises(DataError, match=rf"^data.train: {re.escape(str(other))} is listed twice \(also as "
+                                        rf"{re.escape(str(train))}\)"):
+        shard_paths((str(train), str(other)), "data.train")
+    assert shard_paths((str(train.parent),), "data.train") == [train]

@@ -134,6 +134,11 @@ def _failed_worker(failures: dict) -> int:
 SECOND_SIGNAL_GRACE = 3.0
 """seconds the processes get to end after a second signal (their "stop at once") before they are killed"""
 
+SIGNAL_ECHO_S = 0.25
+"""a stop signal the launcher gets this soon after the one before is that one delivered twice, not a second: coreutils
+`timeout` signals its command and then the command's process group, and the workers, told twice, stopped at once
+inside their step without a checkpoint (a person's second Ctrl-C comes later)"""
+
 
 def end_quietly(signum, frame) -> None:
     """A signal handler: end this process at once with exit code 128 + signum, printing nothing."""
@@ -187,13 +192,20 @@ def run_passing_signals(argv: list[str]) -> int:
     ended it and left torchrun training with no one to stop it. A terminal's Ctrl-C reaches only this process
     (torchrun is not in the terminal's group), so the workers get it once, not twice. A second signal goes to the
     workers too, and whatever still runs SECOND_SIGNAL_GRACE seconds later is killed (a rank that stops at once
-    leaves the others waiting inside its collectives, where no signal reaches them)."""
+    leaves the others waiting inside its collectives, where no signal reaches them). A signal within SIGNAL_ECHO_S of
+    the one before is that one again (`timeout`'s), and is not passed on."""
     import subprocess
 
     passed: list[int] = []
+    last_at = -float("inf")
     proc = None
 
     def pass_on(signum, frame) -> None:
+        nonlocal last_at
+        now = time.monotonic()
+        if now - last_at < SIGNAL_ECHO_S:  # the signal before, delivered twice
+            return
+        last_at = now
         passed.append(signum)
         if proc is not None and proc.poll() is None:
             workers = child_pids(proc.pid)

@@ -66,7 +66,7 @@ def test_a_second_signal_reaches_the_workers_and_kills_them_promptly(tmp_path, m
             time.sleep(0.02)
         time.sleep(0.1)
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)
+        time.sleep(launch.SIGNAL_ECHO_S + 0.2)  # (a second signal, not the first one delivered twice)
         second_at.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -76,12 +76,46 @@ def test_a_second_signal_reaches_the_workers_and_kills_them_promptly(tmp_path, m
     took = time.monotonic() - second_at[0]
     worker = int(pid_file.read_text())
     try:
-        # both signals, from the launcher (two 0.2 s apart may reach a worker a busy machine has not run as one)
+        # both signals, from the launcher (two SIGNAL_ECHO_S + 0.2 s apart may reach a worker a busy machine has not run
+        # as one)
         assert (tmp_path / "worker_got_sigint").read_text() in ("xx", "x")
         assert 0.5 <= took < 2.5 and _ends(worker)
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+# a worker that notes each SIGINT it gets and ends 1 s after the first (a rank stopping at a step boundary)
+ONE_STOP = textwrap.dedent("""
+    import os, signal, sys, time
+    got = []
+    signal.signal(signal.SIGINT, lambda *a: (got.append(1), open(sys.argv[1] + "/worker_got_sigint", "a").write("x")))
+    open(sys.argv[1] + "/worker.pid", "w").write(str(os.getpid()))
+    while not got:
+        time.sleep(0.02)
+    time.sleep(1.0)
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
+def test_one_signal_delivered_twice_reaches_the_workers_once(tmp_path):
+    """coreutils `timeout` signals its command and then the command's process group, so the launcher got one SIGTERM
+    twice within microseconds and passed both on: each rank took the second as "stop at once" and left its step
+    without a checkpoint ("rank 0 stopped inside step 25"). A repeat within SIGNAL_ECHO_S is the same signal."""
+    pid_file = tmp_path / "worker.pid"
+
+    def signal_twice():
+        while not pid_file.exists():
+            time.sleep(0.02)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # (after the first handler ran, within SIGNAL_ECHO_S: Python merges two at once)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=signal_twice, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        launch.run_passing_signals([sys.executable, "-c", PARENT, ONE_STOP, str(tmp_path)])
+    assert (tmp_path / "worker_got_sigint").read_text() == "x"
 
 
 # a process torchrun starts: on SIGINT it "writes a checkpoint" for longer than torchrun's shutdown grace, then notes

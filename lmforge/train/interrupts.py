@@ -158,8 +158,7 @@ class Interrupts:
         if trainer.runner is not None and not self.agreed:
             # this rank alone left a step (a second signal): the others wait inside its collectives, so no
             # common state can be saved; under torchrun they fail in turn and torchrun ends them
-            tqdm.write(f"rank {trainer.rank} stopped inside step {trainer.step + 1}; "
-                       f"resume from {trainer.last_checkpoint}")
+            tqdm.write(f"rank {trainer.rank} stopped inside step {trainer.step + 1}; {resume_point(trainer.run_dir)}")
             return
         # deferred_signals has given each signal its handler back: Ctrl-C's raises KeyboardInterrupt, but SIGTERM's
         # (SIGHUP's, SIGQUIT's) ended the process without a word while the checkpoint was written; all four raise
@@ -173,14 +172,16 @@ class Interrupts:
             trainer.flush()
             if not consistent:
                 tqdm.write(f"interrupted inside the optimizer update of step {trainer.step + 1}: no consistent "
-                           f"state to save; resume from {trainer.last_checkpoint}")
+                           f"state to save; {resume_point(trainer.run_dir)}")
             elif trainer.step > 0 and not trainer.has_current_checkpoint():
                 try:
                     trainer.save()
                 except KeyboardInterrupt:  # a second signal: the write is atomic, so nothing of it was kept
                     self._say_resume_point(trainer)
                     raise
-        if trainer.rank == 0:
+        if trainer.rank == 0 and trainer.last_checkpoint is None:  # (step 0: nothing to save)
+            tqdm.write(f"interrupted at step {trainer.step}; {resume_point(trainer.run_dir)}")
+        elif trainer.rank == 0:
             tqdm.write(f"interrupted at step {trainer.step}; checkpoint {trainer.last_checkpoint}; "
                        "run the same command again to resume")
 
@@ -188,13 +189,20 @@ class Interrupts:
     def _say_resume_point(trainer: Trainer) -> None:
         """After a second signal stopped the interrupt's checkpoint mid-write: which checkpoint a run started again
         resumes from (the newest complete one on disk, as lmforge.train.resume takes it)."""
-        found = ckpt.checkpoint_dirs(trainer.run_dir)
-        where = (f"the last complete checkpoint is step {int(found[-1].name.removeprefix('step_'))} ({found[-1]}); "
-                 "run the same command again to resume from it" if found else
-                 "no checkpoint of this run is complete; running the same command again starts it from step 0")
-        say = f"stopped while writing the step {trainer.step} checkpoint, which was not kept: {where}"
+        say = (f"stopped while writing the step {trainer.step} checkpoint, which was not kept: "
+               f"{resume_point(trainer.run_dir)}")
         if report_once(say):  # (the N processes of one --nproc launch: once)
             tqdm.write(say)
+
+
+def resume_point(run_dir) -> str:
+    """Which checkpoint the same command resumes from: the newest complete one on disk (as lmforge.train.resume
+    takes it), or none."""
+    found = ckpt.checkpoint_dirs(run_dir)
+    if not found:
+        return "no checkpoint of this run is complete; running the same command again starts it from step 0"
+    return (f"the last complete checkpoint is step {int(found[-1].name.removeprefix('step_'))} ({found[-1]}); "
+            "run the same command again to resume from it")
 
 
 def _stop_at_once(signum, frame) -> None:

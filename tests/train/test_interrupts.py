@@ -381,3 +381,19 @@ def test_a_second_signal_during_the_interrupts_checkpoint_names_the_resume_point
             f"is step 5 ({last}); run the same command again to resume from it") in out
     monkeypatch.setattr(save, "_write", real)
     assert _losses(train(cfg)) == full
+
+
+def test_a_rank_that_stops_at_once_before_any_checkpoint_says_the_run_starts_again(tmp_path, capsys):
+    """A rank of an `--nproc` run a second signal stopped inside a step before any checkpoint said
+    "rank 1 stopped inside step 25; resume from None"; it names what the same command does instead."""
+    import types
+
+    import torch
+
+    from lmforge.train.interrupts import Interrupts
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    trainer = types.SimpleNamespace(runner=object(), rank=1, step=24, last_checkpoint=None, run_dir=tmp_path / "run")
+    Interrupts(opt).interrupted(trainer, None, 0.0)
+    assert capsys.readouterr().out == ("rank 1 stopped inside step 25; no checkpoint of this run is complete; running "
+                                       "the same command again starts it from step 0\n")

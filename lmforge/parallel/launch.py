@@ -140,6 +140,28 @@ SIGNAL_ECHO_S = 0.25
 inside their step without a checkpoint (a person's second Ctrl-C comes later)"""
 
 
+LAUNCHER_PID_ENV = "LMFORGE_LAUNCHER_PID"
+"""names, to torchrun's process of an `--nproc` launch, the launcher it must not outlive (end_with_launcher)"""
+
+
+def end_with_launcher() -> None:
+    """In torchrun's process: a SIGTERM when the launcher that started it ends (Linux's parent-death signal). A launcher
+    SIGKILLed (`kill -9`, a harness's subprocess timeout) passes nothing on, and torchrun, in a session of its own,
+    went on training with no one to stop it (holding the run_dir's lock); told, it passes the SIGTERM to the
+    workers, which stop at a step boundary with a checkpoint. Elsewhere (no launcher named, not Linux) nothing."""
+    import ctypes
+    import signal
+    import sys
+
+    launcher = os.environ.pop(LAUNCHER_PID_ENV, None)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != int(launcher):  # it ended before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def end_quietly(signum, frame) -> None:
     """A signal handler: end this process at once with exit code 128 + signum, printing nothing."""
     os._exit(128 + signum)
@@ -193,7 +215,8 @@ def run_passing_signals(argv: list[str]) -> int:
     (torchrun is not in the terminal's group), so the workers get it once, not twice. A second signal goes to the
     workers too, and whatever still runs SECOND_SIGNAL_GRACE seconds later is killed (a rank that stops at once
     leaves the others waiting inside its collectives, where no signal reaches them). A signal within SIGNAL_ECHO_S of
-    the one before is that one again (`timeout`'s), and is not passed on."""
+    the one before is that one again (`timeout`'s), and is not passed on. Where this process dies without a word
+    (SIGKILL), torchrun gets a SIGTERM (end_with_launcher)."""
     import subprocess
 
     passed: list[int] = []
@@ -217,7 +240,7 @@ def run_passing_signals(argv: list[str]) -> int:
     # (set before the start: a signal between the two would leave torchrun running; SIGHUP, a closed terminal, and
     # SIGQUIT are signals torchrun stops its workers on, which its own session no longer gets from the terminal)
     with handling_stop_signals(pass_on):
-        proc = subprocess.Popen(argv, start_new_session=True)
+        proc = subprocess.Popen(argv, start_new_session=True, env={**os.environ, LAUNCHER_PID_ENV: str(os.getpid())})
         if passed:  # (a signal while it started)
             proc.send_signal(passed[-1])
         rc = _wait_or_kill(proc, passed)
@@ -332,4 +355,5 @@ def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float = 1
 if __name__ == "__main__":  # `python -m lmforge.parallel.launch TORCHRUN-ARGS`: what torchrun_argv runs
     import sys
 
+    end_with_launcher()
     sys.exit(torchrun(sys.argv[1:]))

@@ -279,3 +279,46 @@ def test_a_launched_process_ends_quietly_on_a_signal_until_it_trains(tmp_path, m
         assert cli.main(["train"]) == 0  # the launcher
     assert off_main == [0] and seen[0] == (launch.end_quietly, launch.end_quietly)
     assert launch.end_quietly not in seen[1] + seen[2] and signal.getsignal(signal.SIGINT) is before
+
+
+# a process torchrun starts: on SIGTERM (torchrun's, passing on its own) it notes it and ends as an interrupted
+# lmforge command does; otherwise it trains for 30 s
+STOPS_ON_SIGTERM = textwrap.dedent("""
+    import os, signal, sys, time
+    out = sys.argv[1] + "/rank" + os.environ["RANK"]
+    signal.signal(signal.SIGTERM, lambda *a: (open(out, "w").write("stopped"), os._exit(143)))
+    open(out + ".ready", "w").close()
+    time.sleep(30)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+def test_a_launcher_killed_outright_takes_its_run_with_it(tmp_path):
+    """A SIGKILLed launcher (`kill -9`, a harness's subprocess timeout) can pass nothing on: torchrun, in a session of
+    its own, went on training with no one to stop it, holding the run_dir's lock. It now gets a SIGTERM when the
+    launcher dies and passes it to the workers, which stop as on a Ctrl-C."""
+    import subprocess
+
+    (tmp_path / "worker.py").write_text(STOPS_ON_SIGTERM)
+    driver = textwrap.dedent("""
+        import sys
+        from lmforge.parallel import launch
+        launch.run_passing_signals([sys.executable, "-m", "lmforge.parallel.launch", "--standalone",
+                                    "--nproc-per-node=2", sys.argv[1] + "/worker.py", sys.argv[1]])
+    """)
+    launcher = subprocess.Popen([sys.executable, "-c", driver, str(tmp_path)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"rank{r}.ready").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and launcher.poll() is None, "the workers never started"
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 15
+        while not all((tmp_path / f"rank{r}").exists() for r in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [(tmp_path / f"rank{r}").exists() for r in (0, 1)] == [True, True]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()

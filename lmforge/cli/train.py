@@ -98,6 +98,10 @@ def check_launch(cfg, nproc: int) -> None:
         par.for_world(nproc).validate(nproc, model if isinstance(model, ModelConfig) else None,
                                       seq_len=getattr(data, "seq_len", None),
                                       batch_size=getattr(data, "batch_size", None))
+        if getattr(cfg, "fused_loss", False):
+            from lmforge.train.config import check_fused_loss
+
+            check_fused_loss(par.for_world(nproc))
 
 
 def check_sections(cfg) -> None:

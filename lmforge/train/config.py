@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from lmforge.config import check, coerce_fields
+from lmforge.errors import ConfigError
 from lmforge.model.config import ModelConfig
 from lmforge.optim.config import OptimConfig
 from lmforge.parallel.config import ParallelConfig
@@ -230,7 +231,7 @@ class TrainConfig(LoopConfig):
     checkpoint names; a one-line notice and no change where Triton cannot run)"""
     fused_loss: bool = False
     """fused linear + cross-entropy chunked over tokens (lmforge.kernels.fused_ce): never materialises the
-    (tokens x vocab) logits; not with logit soft-capping or MTP heads"""
+    (tokens x vocab) logits; not with logit soft-capping or MTP heads, and on one process only (check_fused_loss)"""
     bf16_residual: bool = False
     """under bf16 autocast, carry the residual stream in bf16 (the embedding's output cast once; nanochat's
     model trains so) instead of fp32: half the bytes through every norm, residual add and their backward
@@ -278,6 +279,18 @@ class TrainConfig(LoopConfig):
     @property
     def tokens_per_step(self) -> int:
         return self.data.batch_size * self.data.seq_len * self.grad_accum
+
+
+def check_fused_loss(par: ParallelConfig) -> None:
+    """fused_loss on the layout the processes run (`par`): one process only. The fused head (fused_ce.fused_lm_loss)
+    calls the model's trunk and reads lm_head's weight itself, bypassing model.forward, where FSDP2 gathers the root's
+    weights and DDP arms its gradient all-reduce (dp_replicate's replicas trained apart, silently); tp shards the
+    head's weight, and the pipeline schedule trains the plain loss."""
+    if par.world_size > 1:
+        raise ConfigError(f"fused_loss cannot run on the [parallel] layout ({par.sizes}): the fused linear + "
+                          "cross-entropy reads lm_head's weight and calls the trunk itself, outside the forward where "
+                          "FSDP2 and DDP gather weights and average gradients; set fused_loss = false on several "
+                          "processes")
 
 
 def uses_bf16(cfg: LoopConfig, device: torch.device) -> bool:

@@ -60,3 +60,22 @@ def test_fused_loss_on_a_model_it_cannot_compute_is_refused_by_the_config():
     mtp = dataclasses.replace(model, logit_softcap=0.0, mtp=MTPConfig())
     with pytest.raises(ConfigError, match=r"^fused_loss with model.mtp: .*set fused_loss = false or remove"):
         TrainConfig(model=mtp, data=DataConfig(seq_len=16, batch_size=2), fused_loss=True)
+
+
+@pytest.mark.parametrize("layout", [dict(dp_shard=2), dict(tp=2), dict(cp=2), dict(pp=2), dict(dp_replicate=2),
+                                    dict()], ids=["dp_shard", "tp", "cp", "pp", "dp_replicate", "nproc-default"])
+def test_fused_loss_on_several_processes_is_refused_before_any_process(tmp_path, layout):
+    """`lmforge train --nproc 2 --fused-loss true` (FSDP2 over the processes by default): the fused loss calls the
+    trunk and reads lm_head's weight outside model.forward, where FSDP2 gathers the root's weights and DDP arms its
+    gradient all-reduce. With dp_shard, cp or tp the ranks failed at the first step with "lm_head is a Linear: merge
+    its adapter (merge_lora)..." (a GPU, or TRITON_INTERPRET=1); with dp_replicate the replicas trained apart, the
+    loss 0.045 off one process's after 4 steps; pp trains the plain loss. Refused before any process starts."""
+    from lmforge.cli.train import check_launch
+    from lmforge.errors import ConfigError
+    from lmforge.parallel.config import ParallelConfig
+
+    shard = make_shard(tmp_path / "t.bin")
+    cfg = tiny_config(shard, tmp_path / "r", fused_loss=True, parallel=ParallelConfig(**layout))
+    sizes = " x ".join(f"{k}={v}" for k, v in layout.items()) or "dp_shard=2"
+    with pytest.raises(ConfigError, match=rf"^fused_loss cannot run on the \[parallel\] layout \({sizes}\): "):
+        check_launch(cfg, 2)

@@ -124,6 +124,15 @@ class ParallelConfig:
             if self.sequence_parallel and self.tp > 1 and model_cfg.pos_emb in ("learned", "sinusoidal"):
                 raise ConfigError(f"parallel.sequence_parallel with pos_emb={model_cfg.pos_emb!r}: use rope or set "
                                   "sequence_parallel=false")
+            # MTP heads shift the sequence by k tokens, across the ranks' chunks (cp: the loss came out silently off
+            # one process's) or sequence shards (tp: a size mismatch in the first forward)
+            if self.cp > 1 and model_cfg.mtp is not None:
+                raise ConfigError(f"parallel.cp={self.cp} with [model.mtp]: the MTP heads read tokens k ahead, across "
+                                  "the ranks' sequence chunks; use dp_shard, dp_replicate or tp (with "
+                                  "sequence_parallel = false) for this model")
+            if self.tp > 1 and self.sequence_parallel and model_cfg.mtp is not None:
+                raise ConfigError("parallel.sequence_parallel with [model.mtp]: the MTP heads read tokens k ahead, "
+                                  "across the ranks' sequence shards; set parallel.sequence_parallel = false")
             if self.cp > 1 and (model_cfg.attention != "mha" or model_cfg.sliding_window):
                 raise ConfigError(f"parallel.cp={self.cp} supports full mha/gqa attention; this model has attention="
                                   f"{model_cfg.attention!r}, sliding_window={model_cfg.sliding_window}")

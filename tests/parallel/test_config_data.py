@@ -55,6 +55,24 @@ def test_model_features_tp_cannot_split_are_refused():
         ParallelConfig(cp=2, pp=2)
 
 
+def test_mtp_heads_on_a_split_sequence_are_refused():
+    """MTP heads shift the sequence by k tokens: under sequence parallelism (tp) each rank holds a slice of it and
+    the first step failed deep in a forward ("Sizes of tensors must match ... Expected size 15 but got size 16"); under
+    context parallelism the shifted tokens crossed the ranks' chunks and the loss came out silently off one process's
+    (2e-2 in 4 steps). tp without sequence parallelism, dp_shard and dp_replicate train them as one process does."""
+    import dataclasses
+
+    from lmforge.model.config import MTPConfig
+
+    mtp = dataclasses.replace(CFG, mtp=MTPConfig())
+    with pytest.raises(ConfigError, match=r"^parallel.cp=2 with \[model.mtp\]: .*use dp_shard, dp_replicate or tp"):
+        ParallelConfig(cp=2).validate(2, mtp)
+    with pytest.raises(ConfigError, match=r"^parallel.sequence_parallel with \[model.mtp\]: .*sequence_parallel = fal"):
+        ParallelConfig(tp=2).validate(2, mtp)
+    ParallelConfig(tp=2, sequence_parallel=False).validate(2, mtp)
+    ParallelConfig(dp_shard=2).validate(2, mtp)
+
+
 def test_world_size_mismatch_with_launch():
     from lmforge.parallel.launch import init_distributed
 

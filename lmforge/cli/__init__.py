@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 
 # command -> (module, one-line help). Modules that do not exist yet are hidden.
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmforge.errors import LmforgeError, is_disk_full
     from lmforge.parallel.launch import quiet_signals
-    from lmforge.parallel.reports import launched_worker, report_once
+    from lmforge.parallel.reports import launched_worker, peer_ended, report_once
     from lmforge.utils import environment
 
     # (restores Python's showwarning, the environment and the signal handlers when the command ends: library use is
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nlmforge {cmd}: interrupted", file=sys.stderr)
             return 130
         except Exception as e:  # a full disk under any writer (metrics.jsonl, loss.png, shards): said, not a traceback
+            if not debug and launched_worker() and peer_ended(e):  # (the process that ended says why, or the launcher)
+                return 128 + signal.SIGTERM  # as torchrun's SIGTERM ends it: the launcher says the cause, not this
             if debug or not is_disk_full(e):
                 raise
             where = next((x.filename for x in (e, e.__context__, e.__cause__) if getattr(x, "filename", None)), None)

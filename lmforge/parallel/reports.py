@@ -48,3 +48,13 @@ def report_once(text: str) -> bool:
 def launched_worker() -> bool:
     """Whether this process is one of those a `--nproc N` launcher started (it says for them how the run ended)."""
     return "RANK" in os.environ and REPORTS in os.environ
+
+
+PEER_ENDED = ("Connection reset by peer", "Connection closed by peer")
+"""how gloo's collectives fail in a process whose peer process has ended (killed, or failed and said why)"""
+
+
+def peer_ended(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another process of the launch has ended: that process (or, for
+    a signal, the launcher) says what happened, so this one need not add a traceback of the collective."""
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in PEER_ENDED)

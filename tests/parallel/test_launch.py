@@ -322,3 +322,29 @@ def test_a_launcher_killed_outright_takes_its_run_with_it(tmp_path):
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+@pytest.mark.parametrize("words", ["Connection reset by peer", "Connection closed by peer"])
+def test_a_process_whose_peer_ended_leaves_the_saying_to_the_peer(monkeypatch, capsys, words):
+    """A rank killed mid-step (the OOM killer) left its peer failing inside a collective, which printed torch's 30-line
+    traceback of gloo's "Read error ... Connection reset by peer" above the launcher's one line ("the process of rank 1
+    was ended by SIGKILL"). The peer ends quietly as torchrun's SIGTERM would end it (143, which the launcher ranks
+    below the cause it says); outside a launch, or under --debug, the error is raised as before."""
+    from lmforge import cli
+    from lmforge.cli import train as train_cli
+    from lmforge.parallel.reports import shared_reports
+
+    def fails(argv):
+        raise RuntimeError(f"[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:9380: {words}. This is typically "
+                           "caused by a remote worker hanging or bugs in the application.")
+
+    monkeypatch.setattr(train_cli, "main", fails)
+    with shared_reports():
+        monkeypatch.setenv("RANK", "0")
+        assert cli.main(["train"]) == 128 + signal.SIGTERM
+        assert capsys.readouterr().err == ""
+        with pytest.raises(RuntimeError, match=words):
+            cli.main(["train", "--debug"])
+        monkeypatch.delenv("RANK")
+        with pytest.raises(RuntimeError, match=words):
+            cli.main(["train"])

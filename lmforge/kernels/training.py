@@ -57,7 +57,11 @@ def apply_fused_kernels(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> lis
     t = next(itertools.chain(model.parameters(), model.buffers()), None)
     why = unsupported(t.device) if t is not None else "the model has no parameters or buffers"
     if why is not None:
-        print(f"fused kernels not applied: {why}; the plain layers run instead", file=sys.stderr)
+        from lmforge.parallel.reports import report_once
+
+        say = f"fused kernels not applied: {why}; the plain layers run instead"
+        if report_once(say):  # (the N processes of one --nproc launch: once)
+            print(say, file=sys.stderr)
         return []
     swaps = {RMSNorm: ("norm", FusedRMSNorm), MLP: ("swiglu", FusedSwiGLUMLP), MoE: ("moe", TritonMoE)}
     done = []

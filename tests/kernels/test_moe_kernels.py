@@ -353,6 +353,23 @@ def test_apply_fused_kernels_falls_back_with_notice(monkeypatch, capsys):
     assert type(model.final_norm).__name__ == "RMSNorm"
 
 
+def test_the_fused_kernels_notice_of_an_nproc_launch_is_said_once(monkeypatch, capsys):
+    """`lmforge train --nproc 2 --fused-kernels true` on a CPU printed "fused kernels not applied: ..." once per
+    process; the processes of one launch say a line they print alike once (lmforge.parallel.reports)."""
+    from lmforge.kernels.training import apply_fused_kernels
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel.reports import shared_reports
+
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is for devices without Triton support")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with shared_reports():  # (the launcher's folder; each call stands for one process of the launch)
+        for _ in range(2):
+            apply_fused_kernels(Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                                                        max_seq_len=16)))
+    assert capsys.readouterr().err.count("fused kernels not applied") == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("gemm", ["auto", "triton", "torch"])

@@ -397,3 +397,14 @@ def test_a_rank_that_stops_at_once_before_any_checkpoint_says_the_run_starts_aga
     Interrupts(opt).interrupted(trainer, None, 0.0)
     assert capsys.readouterr().out == ("rank 1 stopped inside step 25; no checkpoint of this run is complete; running "
                                        "the same command again starts it from step 0\n")
+
+
+def test_an_interrupt_in_the_first_step_says_the_run_starts_again(setup, tmp_path, capsys):
+    """A Ctrl-C inside step 1 (rolled back to step 0, nothing to save) said "interrupted at step 0; checkpoint None"."""
+    shard, _ = setup
+    tr = Trainer(tiny_config(shard, tmp_path / "run", max_steps=20, eval_every=10, ckpt_every=100))
+    _arm(tr, "forward", _Interrupt(tr, "raise", after_step=0))
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert ("interrupted at step 0; no checkpoint of this run is complete; running the same command again starts it "
+            "from step 0\n") in capsys.readouterr().out

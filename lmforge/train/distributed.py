@@ -75,8 +75,12 @@ def check_runner(runner, world: int, objective) -> None:
                               "ParallelRunner(model, ParallelConfig(...)) (lmforge.parallel.runner), as "
                               "pretraining does from [parallel]")
         return
+    from lmforge.kernels.fused_ce import FusedLMObjective
+    from lmforge.train.config import check_fused_loss
     from lmforge.train.loss import LMObjective
 
+    if isinstance(objective, FusedLMObjective):  # (the launcher's check_launch said so before any process started)
+        check_fused_loss(runner.cfg)
     if runner.pp_mesh is not None and not (type(objective) is LMObjective and objective.z_loss == 0):
         raise ConfigError(f"parallel.pp={runner.cfg.pp} trains the plain LM loss through the pipeline schedule; "
                           f"{type(objective).__name__} (or model.z_loss > 0) needs parallel.pp=1")

@@ -13,7 +13,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.optim import build_optimizer
-from lmforge.train.config import TrainConfig, check_fused_loss, uses_bf16
+from lmforge.train.config import TrainConfig, uses_bf16
 from lmforge.train.data import (BatchSampler, check_one_tokenizer, check_run_tokenizer, eval_windows,
                                 open_splits, tokenizer_spec)
 from lmforge.train.loss import LMObjective, summed_nats, token_losses
@@ -205,9 +205,6 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
     objective = LMObjective(cfg.model.z_loss)
     if cfg.fused_loss:
         from lmforge.kernels.decode import unavailable
-
-        if runner is not None:  # (torchrun run by hand: the launcher's check_launch did not see the layout)
-            check_fused_loss(runner.cfg)
 
         why = unavailable(next(model.parameters()).device)
         if why is None:

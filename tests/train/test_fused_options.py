@@ -79,3 +79,18 @@ def test_fused_loss_on_several_processes_is_refused_before_any_process(tmp_path,
     sizes = " x ".join(f"{k}={v}" for k, v in layout.items()) or "dp_shard=2"
     with pytest.raises(ConfigError, match=rf"^fused_loss cannot run on the \[parallel\] layout \({sizes}\): "):
         check_launch(cfg, 2)
+
+
+def test_a_trainer_refuses_the_fused_loss_on_several_processes():
+    """Trainer(..., FusedLMObjective(), runner=ParallelRunner(...)) under torchrun, with no launcher to check it first:
+    DDP's replicas trained apart (their gradients never averaged), FSDP2 failed naming a LoRA adapter."""
+    import types
+
+    from lmforge.errors import ConfigError
+    from lmforge.kernels.fused_ce import FusedLMObjective
+    from lmforge.parallel.config import ParallelConfig
+    from lmforge.train.distributed import check_runner
+
+    runner = types.SimpleNamespace(cfg=ParallelConfig(dp_replicate=2), pp_mesh=None)
+    with pytest.raises(ConfigError, match=r"^fused_loss cannot run on the \[parallel\] layout \(dp_replicate=2\)"):
+        check_runner(runner, 2, FusedLMObjective())

@@ -4,7 +4,10 @@ each rank reads the pieces it needs for *its* layout. So a run saved on 2 ranks 
 on 4 ranks with FSDP + TP, on a pipeline, or on 1 process (keys are the model's parameter names,
 which none of lmforge.parallel's transforms change).
 
-    RUN_DIR/checkpoints/step_000500.dcp/   .metadata + __<rank>_0.distcp files
+    PATH/   .metadata + __<rank>_0.distcp files
+
+The Trainer does not write these: its checkpoints under `--nproc N` are ordinary ones, the full state gathered on
+rank 0 (lmforge.train.distributed.gather_states), which resume on any layout as well.
 """
 
 from __future__ import annotations

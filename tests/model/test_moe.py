@@ -19,7 +19,8 @@ BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len
 
 def _moe(activation="swiglu", **kw) -> MoE:
     torch.manual_seed(0)
-    cfg = dataclasses.replace(BASE, activation=activation, moe=MoEConfig(**{"n_experts": 4, "top_k": 2, "d_expert": 16, **kw}))
+    cfg = dataclasses.replace(BASE, activation=activation,
+                              moe=MoEConfig(**{"n_experts": 4, "top_k": 2, "d_expert": 16, **kw}))
     m = MoE(cfg, 0)
     with torch.no_grad():
         for p in m.parameters():
@@ -333,7 +334,8 @@ def test_noisy_gating_only_in_training():
 
 
 def test_model_aux_loss_stats_and_flops():
-    cfg = dataclasses.replace(BASE, d_ff=32, moe=MoEConfig(n_experts=4, top_k=1, d_expert=32, aux_loss=0.01, dense_layers=1))
+    cfg = dataclasses.replace(BASE, d_ff=32,
+                              moe=MoEConfig(n_experts=4, top_k=1, d_expert=32, aux_loss=0.01, dense_layers=1))
     model = Transformer(cfg)
     assert type(model.blocks[0].mlp).__name__ == "MLP" and isinstance(model.blocks[1].mlp, MoE)
     model(torch.randint(0, 64, (2, 8)))
@@ -411,3 +413,27 @@ def test_compiled_loop_gemm_moe_compiles_once_whatever_the_routing():
         graphs.append(counters["stats"]["unique_graphs"])
     torch._dynamo.reset()
     assert graphs[1] == graphs[-1], graphs
+
+
+def test_top1_with_norm_topk_gates_by_one_and_warns_once():
+    """top_k=1 with norm_topk renormalises the one weight to exactly 1 (as HF Mixtral/Qwen-MoE at top_k=1), so the
+    LM loss gives the router no gradient; the config says so once and names norm_topk=false (Switch's gate, the
+    softmax probability), which does give it one."""
+    import warnings
+    grads = {}
+    for norm in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = _moe(top_k=1, norm_topk=norm)
+        x = torch.randn(2, 8, 32)
+        m(x).square().sum().backward()
+        grads[norm] = m.router.weight.grad.abs().sum().item()
+    assert grads[True] < 1e-6 * grads[False]  # rounding of p / p: ~1e-7 of the Switch gate's gradient
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            MoEConfig(n_experts=4, top_k=1)
+        MoEConfig(n_experts=4, top_k=1, norm_topk=False)
+        MoEConfig(n_experts=4, top_k=2)
+    assert len(caught) == 1 and "model.moe.norm_topk=false" in str(caught[0].message)
+    assert caught[0].filename == __file__

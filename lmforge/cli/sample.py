@@ -56,10 +56,25 @@ def print_prompt_logprobs(tok, out, sp) -> None:
     _print_rows([chosen[i] for i in at], [plp[i][ids[i]] for i in at], [tops[i][:k] for i in at])
 
 
+def shown_token(row: dict) -> str:
+    """A token row's text quoted and escaped once: printable characters as they are (a backslash and a quote
+    escaped), others as repr writes them, and bytes that are no whole UTF-8 character as \\xNN. (The row's "token"
+    already escapes such bytes, OpenAI's form, so its repr would double the backslash: '\\\\xb6' beside '\\x18'.)"""
+    text = row["token"] if row.get("bytes") is None else bytes(row["bytes"]).decode("utf-8", "surrogateescape")
+
+    def one(c: str) -> str:
+        if "\udc80" <= c <= "\udcff":  # a byte surrogateescape could not decode
+            return f"\\x{ord(c) - 0xdc00:02x}"
+        if c in "\\'":
+            return "\\" + c
+        return c if c.isprintable() else repr(c)[1:-1]
+    return "'" + "".join(map(one, text)) + "'"
+
+
 def _print_rows(chosen, logprobs, tops) -> None:
     for mine, lp, top in zip(chosen, logprobs, tops):
-        alts = ", ".join(f"{r['token']!r} {r['logprob']:.3f}" for r in top)
-        print(f"  {mine[0]['token']!r:>12} {lp:8.3f}" + (f"   top: {alts}" if alts else ""))
+        alts = ", ".join(f"{shown_token(r)} {r['logprob']:.3f}" for r in top)
+        print(f"  {shown_token(mine[0]):>12} {lp:8.3f}" + (f"   top: {alts}" if alts else ""))
 
 
 def main(argv: list[str]) -> int:

@@ -510,3 +510,20 @@ def test_a_command_gives_the_top_logprobs_it_asks_for_past_the_engines_default_c
                   "--temperature", "0", "--output", str(out)])
     row = json.loads(out.read_text().splitlines()[0])
     assert len(row["top_logprobs"]) == 2 and all(len(t) >= 25 for t in row["top_logprobs"])
+
+
+def test_sample_prints_each_token_escaped_once(capsys):
+    """A partial-UTF-8 token's text is its bytes escaped ("\\xb6", OpenAI's form, kept in generate's JSON); printed
+    with repr it read '\\\\xb6' beside a control character's '\\x18'. Each token prints once-escaped by one rule: repr
+    of its text, bytes that are no whole character as \\xNN (a real backslash still doubled)."""
+    def row(raw: bytes, text: str | None = None, logprob: float = -1.0) -> dict:
+        return {"id": 0, "token": text if text is not None else raw.decode("utf-8", errors="backslashreplace"),
+                "bytes": list(raw), "logprob": logprob}
+
+    tops = [row(b"\x18"), row(b"\xe6\x97"), row(b"a\\b"), row("é'".encode()), row(b"x\xb6")]
+    unknown = {"id": 1, "token": "\ufffd", "bytes": None, "logprob": -2.0}  # a tokenizer that gives no bytes
+    sample_cli._print_rows([[row(b"\xb6")], [unknown]], [-0.5, -2.0], [tops, []])
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.split() == ["'\\xb6'", "-0.500", "top:", "'\\x18'", "-1.000,", "'\\xe6\\x97'", "-1.000,",
+                             "'a\\\\b'", "-1.000,", "'é\\''", "-1.000,", "'x\\xb6'", "-1.000"]
+    assert second.split() == ["'\ufffd'", "-2.000"]

@@ -459,3 +459,16 @@ def test_option_help_reads_as_one_paragraph(monkeypatch, capsys):
         "--optim.name", "--optim.schedule", "--nproc N"]
     template = next(a.help for a in parsers["lmforge chat"]._actions if "--template" in a.option_strings)
     assert "else chatml where the tokenizer has its markers" in template
+
+
+def test_train_help_says_what_data_train_and_val_take(capsys):
+    """`--data.val`'s help said only "validation shards", though it takes what --data.train does (shard_paths): its
+    help and --data.train's name files, directories (their *.bin) and glob patterns."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = re.sub(r"[│\s]+", " ", capsys.readouterr().out)
+    for flag in ("--data.train", "--data.val"):
+        help_ = re.search(re.escape(flag) + r" \[STR \[STR \.\.\.\]\] (.*?) \(default", text).group(1)
+        assert all(w in help_ for w in ("token shard files", "directory", "*.bin", "glob pattern")), (flag, help_)

@@ -38,9 +38,11 @@ class SourceConfig:
     name: str = ""
     """what metrics.jsonl calls it (tokens/NAME); every source needs one"""
     train: tuple[str, ...] = ()
-    """token shard files, directories or glob patterns, as data.train takes them"""
+    """the source's token shard files; a directory gives its *.bin files and a glob pattern its matches, sorted
+    by name, as data.train takes them"""
     val: tuple[str, ...] = ()
-    """validation shards; if empty, the last data.val_fraction of the source's training tokens"""
+    """the source's validation token shard files, directories (their *.bin) or glob patterns, as data.val takes
+    them; if empty, the last data.val_fraction of the source's training tokens"""
 
     def __post_init__(self) -> None:
         coerce_fields(self, "data.sources")  # each field's type, named when wrong
@@ -65,7 +67,9 @@ class DataConfig:
     """token shard files (lmforge.data.shards) to train on; a directory gives its *.bin files and a glob pattern
     (quoted on a command line) its matches, sorted by name (lmforge.train.data.shard_paths)"""
     val: tuple[str, ...] = ()
-    """validation shards; if empty, the last `val_fraction` of the training tokens is held out"""
+    """validation token shard files; a directory gives its *.bin files (refused where it holds train.bin) and a
+    glob pattern (quoted) its matches, sorted by name, as for `train`; if empty, the last `val_fraction` of the
+    training tokens is held out"""
     val_fraction: float = 0.1
     """share of the training tokens held out for validation when `val` is empty"""
     seq_len: int = 256

@@ -3,12 +3,13 @@
     lmforge generate --checkpoint runs/demo --prompts "Once" "Twice" --max-tokens 32
     lmforge generate --checkpoint runs/demo --prompts-file prompts.txt --output out.jsonl --n 4 --seed 0
 
-A prompts file is plain text (one prompt per line; \\n, \\t and \\\\ escapes) or JSONL with a "prompt" field.
+A prompts file is plain text (one prompt per line; \\n, \\t and \\\\ escapes) or JSONL with only a "prompt" field.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from lmforge.cli.sampling import (Sampling, completion_rows, normalize_argv, pas
                                   top_logprobs_rows, unescape)
 from lmforge.config import check
 from lmforge.infer.detok import special_ids
+from lmforge.infer.sampling import SamplingParams
 from lmforge.errors import DataError, LmforgeError
 from lmforge.utils import output_path_problem, read_utf8
 
@@ -32,7 +34,8 @@ class GenerateConfig:
     prompts: tuple[str, ...] = ()
     """prompts given on the command line (with or instead of --prompts-file)"""
     prompts_file: str | None = None
-    """plain text (one prompt per line; \\n, \\t and \\\\ escapes) or JSONL with a "prompt" field"""
+    """plain text (one prompt per line; \\n, \\t and \\\\ escapes) or JSONL with only a "prompt" field per row
+    (the sampling flags apply to every prompt)"""
     output: str | None = None
     """JSONL file to write (replaced once every prompt is done: a failed or interrupted run leaves it as it was);
     None writes to standard output"""
@@ -82,7 +85,8 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 
 def jsonl_prompt(line: str, where: str):
     """The 'prompt' field of one JSONL line (text or token ids; the engine checks which); a line that is no JSON,
-    not an object or without the field is a one-line error naming the line and what it holds instead."""
+    not an object, without the field or with any other field (which nothing would read: sampling options are the
+    command's flags, for every prompt) is a one-line error naming the line and what it holds instead."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -93,6 +97,14 @@ def jsonl_prompt(line: str, where: str):
                         'is one object such as {"prompt": "..."}')
     if "prompt" not in row:
         raise DataError(f"{where}: no 'prompt' field (its fields: {', '.join(map(repr, row)) or 'none'}); each "
+                        'line of a .jsonl prompts file is one object such as {"prompt": "..."}')
+    extra = [k for k in row if k != "prompt"]  # read nowhere: a per-row max_tokens was dropped in silence
+    if extra:
+        options = {f.name for f in dataclasses.fields(SamplingParams)}
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra if k in options)
+        raise DataError(f"{where}: field{'s' * (len(extra) > 1)} {', '.join(map(repr, extra))} "
+                        f"{'are' if len(extra) > 1 else 'is'} not read (a row holds only 'prompt'"
+                        + (f"; sampling options are flags for every prompt: {flags}" if flags else "") + "); each "
                         'line of a .jsonl prompts file is one object such as {"prompt": "..."}')
     prompt = row["prompt"]
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):

@@ -527,3 +527,19 @@ def test_sample_prints_each_token_escaped_once(capsys):
     assert first.split() == ["'\\xb6'", "-0.500", "top:", "'\\x18'", "-1.000,", "'\\xe6\\x97'", "-1.000,",
                              "'a\\\\b'", "-1.000,", "'é\\''", "-1.000,", "'x\\xb6'", "-1.000"]
     assert second.split() == ["'\ufffd'", "-2.000"]
+
+
+def test_generate_jsonl_prompts_file_refuses_fields_it_would_ignore(ckpt, tmp_path):
+    """A .jsonl row's "max_tokens" (or any field but "prompt") was dropped in silence, the row generated with the
+    command's flags: it is refused in one line naming the field, the one field read and, for a sampling option,
+    its flag (which applies to every prompt)."""
+    pf = tmp_path / "p.jsonl"
+    pf.write_text('{"prompt": "ok"}\n{"prompt": "a", "max_tokens": 3, "id": 7}\n')
+    with pytest.raises(LmforgeError) as e:
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts-file", str(pf)])
+    assert str(e.value) == (f"{pf}:2: fields 'max_tokens', 'id' are not read (a row holds only 'prompt'; sampling "
+                            "options are flags for every prompt: --max-tokens); each line of a .jsonl prompts file "
+                            'is one object such as {"prompt": "..."}')
+    pf.write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(LmforgeError, match=r"p.jsonl:1: field 'completion' is not read \(a row holds only 'prompt'\);"):
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts-file", str(pf)])

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lmforge.config import check, coerce_fields, names_field
-from lmforge.errors import warn_caller
 
 GLU_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "swiglu_oss")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "relu2", *GLU_ACTIVATIONS)
@@ -128,8 +127,8 @@ class MoEConfig:
     norm_topk: bool = True
     """renormalise the selected k weights to sum to 1 (Mixtral). At top_k=1 the one weight is then exactly 1, as in
     transformers' Mixtral and Qwen-MoE, and the router learns only from aux_loss/z_loss/seq_aux_loss, not from the
-    LM loss (a warning says so); false at top_k=1 gates by the score itself (the Switch Transformer's softmax
-    probability)"""
+    LM loss (a training run's config warns: TrainConfig); false at top_k=1 gates by the score itself (the Switch
+    Transformer's softmax probability)"""
     routed_scale: float = 1.0
     """multiplier of the routed output (DeepSeek-V3 routed_scaling_factor)"""
     n_groups: int = 1
@@ -191,10 +190,6 @@ class MoEConfig:
         check(self.dense_layers >= 0, f"model.moe.dense_layers must be >= 0, got {self.dense_layers}")
         check(self.gemm in ("auto", "torch", "triton", "loop"),
               f"model.moe.gemm={self.gemm!r}; choose auto, torch, triton or loop")
-        if self.top_k == 1 and self.norm_topk:  # HF's Mixtral does the same, so checkpoints keep it: a warning
-            warn_caller("model.moe.top_k=1 with norm_topk=true gates each token's expert by exactly 1, so training "
-                        "gives the router no gradient from the LM loss (only from aux_loss/z_loss/seq_aux_loss); "
-                        "set model.moe.norm_topk=false to gate by the router's score (Switch Transformer)")
 
 
 @dataclass(frozen=True, kw_only=True)

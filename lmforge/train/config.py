@@ -256,6 +256,12 @@ class TrainConfig(LoopConfig):
                         f"model trains on {self.data.seq_len}-token windows, but its checkpoints serve a "
                         f"{self.model.max_seq_len}-token context; set model.max_seq_len >= {self.data.seq_len}")
         moe = any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))
+        if moe and self.model.moe_cfg.top_k == 1 and self.model.moe_cfg.norm_topk:  # (HF Mixtral at top_k=1 too)
+            from lmforge.errors import warn_caller
+
+            warn_caller("model.moe.top_k=1 with norm_topk=true gates each token's expert by exactly 1, so training "
+                        "gives the router no gradient from the LM loss (only from aux_loss/z_loss/seq_aux_loss); "
+                        "set model.moe.norm_topk=false to gate by the router's score (Switch Transformer)")
         check(self.parallel.pp == 1 or not (moe or self.model.mtp is not None),
               f"parallel.pp={self.parallel.pp} runs the plain LM loss through the pipeline schedule, which would "
               f"drop this model's {'MoE balancing' if moe else 'MTP'} loss; set parallel.pp=1 (use dp_shard/tp)")

@@ -417,8 +417,8 @@ def test_compiled_loop_gemm_moe_compiles_once_whatever_the_routing():
 
 def test_top1_with_norm_topk_gates_by_one_and_warns_once():
     """top_k=1 with norm_topk renormalises the one weight to exactly 1 (as HF Mixtral/Qwen-MoE at top_k=1), so the
-    LM loss gives the router no gradient; the config says so once and names norm_topk=false (Switch's gate, the
-    softmax probability), which does give it one."""
+    LM loss gives the router no gradient; a training run's config says so once and names norm_topk=false (Switch's
+    gate, the softmax probability), which does give it one."""
     import warnings
     grads = {}
     for norm in (True, False):
@@ -429,11 +429,19 @@ def test_top1_with_norm_topk_gates_by_one_and_warns_once():
         m(x).square().sum().backward()
         grads[norm] = m.router.weight.grad.abs().sum().item()
     assert grads[True] < 1e-6 * grads[False]  # rounding of p / p: ~1e-7 of the Switch gate's gradient
+    from lmforge.model.config import ModelConfig
+    from lmforge.train.config import DataConfig, TrainConfig
+
+    def run(**moe):  # (a training run's config says it; building the model to serve a HF checkpoint does not)
+        model = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp="moe", moe=MoEConfig(**moe))
+        return TrainConfig(model=model, data=DataConfig(train=("a.bin",)))
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         for _ in range(3):
-            MoEConfig(n_experts=4, top_k=1)
-        MoEConfig(n_experts=4, top_k=1, norm_topk=False)
-        MoEConfig(n_experts=4, top_k=2)
+            run(n_experts=4, top_k=1)
+        run(n_experts=4, top_k=1, norm_topk=False)
+        run(n_experts=4, top_k=2)
+        MoEConfig(n_experts=4, top_k=1)
     assert len(caught) == 1 and "model.moe.norm_topk=false" in str(caught[0].message)
     assert caught[0].filename == __file__

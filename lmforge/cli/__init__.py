@@ -136,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except Exception as e:  # a full disk under any writer (metrics.jsonl, loss.png, shards): said, not a traceback
             if not debug and launched_worker() and peer_ended(e):  # (the process that ended says why, or the launcher)
-                return 128 + signal.SIGTERM  # as torchrun's SIGTERM ends it: the launcher says the cause, not this
+                said = (f"lmforge {cmd}: error: a peer process of this run ended while this one waited on it "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); where no other line says why, "
+                        "run with --debug")
+                if report_once(said):  # (one line, not gloo's traceback; never nothing: a peer may end cleanly)
+                    print(said, file=sys.stderr)
+                return 128 + signal.SIGTERM  # as torchrun's SIGTERM ends it: the launcher's line comes first
             if debug or not is_disk_full(e):
                 raise
             where = next((x.filename for x in (e, e.__context__, e.__cause__) if getattr(x, "filename", None)), None)

@@ -214,21 +214,22 @@ def run_passing_signals(argv: list[str]) -> int:
     ended it and left torchrun training with no one to stop it. A terminal's Ctrl-C reaches only this process
     (torchrun is not in the terminal's group), so the workers get it once, not twice. A second signal goes to the
     workers too, and whatever still runs SECOND_SIGNAL_GRACE seconds later is killed (a rank that stops at once
-    leaves the others waiting inside its collectives, where no signal reaches them). A signal within SIGNAL_ECHO_S of
-    the one before is that one again (`timeout`'s), and is not passed on. Where this process dies without a word
+    leaves the others waiting inside its collectives, where no signal reaches them). The same signal within
+    SIGNAL_ECHO_S of the one before is that one again (`timeout`'s), and is not passed on (SIGINT then SIGTERM
+    is). Where this process dies without a word
     (SIGKILL), torchrun gets a SIGTERM (end_with_launcher)."""
     import subprocess
 
     passed: list[int] = []
-    last_at = -float("inf")
+    last_at, last_sig = -float("inf"), None
     proc = None
 
     def pass_on(signum, frame) -> None:
-        nonlocal last_at
+        nonlocal last_at, last_sig
         now = time.monotonic()
-        if now - last_at < SIGNAL_ECHO_S:  # the signal before, delivered twice
+        if signum == last_sig and now - last_at < SIGNAL_ECHO_S:  # the signal before, delivered twice
             return
-        last_at = now
+        last_at, last_sig = now, signum
         passed.append(signum)
         if proc is not None and proc.poll() is None:
             workers = child_pids(proc.pid)

@@ -170,7 +170,11 @@ def shard_paths(paths: tuple[str, ...], key: str) -> list[Path]:
             out.append(p)
     seen: dict[Path, Path] = {}
     for p in out:  # (["shards", "shards/*.bin"] listed each shard twice: sampled twice as often, in silence)
-        if (q := seen.setdefault(p.resolve(), p)) is not p:
+        try:
+            where = p.resolve()
+        except (RuntimeError, OSError) as e:  # (Python < 3.13: RuntimeError "Symlink loop")
+            raise DataError(f"{key}: {p} cannot be followed ({e}); give the token shard file itself") from e
+        if (q := seen.setdefault(where, p)) is not p:
             raise DataError(f"{key}: {p} is listed twice{f' (also as {q})' if str(q) != str(p) else ''}: a shard "
                             "is read once; give each once (to weigh sources: [[data.sources]] and [[data.phases]] "
                             "weights)")

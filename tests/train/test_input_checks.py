@@ -358,3 +358,12 @@ def test_a_shard_listed_twice_is_refused(tmp_path, bpe_shards):
                                         rf"{re.escape(str(train))}\)"):
         shard_paths((str(train), str(other)), "data.train")
     assert shard_paths((str(train.parent),), "data.train") == [train]
+
+
+def test_a_symlink_loop_given_as_a_shard_is_one_line(tmp_path):
+    from lmforge.train.data import shard_paths
+
+    loop = tmp_path / "loop.bin"
+    loop.symlink_to(loop)
+    with pytest.raises(DataError, match=rf"^data.train: {re.escape(str(loop))} cannot be followed \("):
+        shard_paths((str(loop),), "data.train")

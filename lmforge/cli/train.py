@@ -83,9 +83,7 @@ def check_launch(cfg, nproc: int) -> None:
     if par is None:
         return
     if par.world_size > 1 and par.world_size != nproc:
-        sizes = " x ".join(f"{d}={getattr(par, d)}" for d in ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-                           if getattr(par, d) > 1)
-        raise ConfigError(f"the [parallel] layout ({sizes}) needs {par.world_size} processes: launch with "
+        raise ConfigError(f"the [parallel] layout ({par.sizes}) needs {par.world_size} processes: launch with "
                           f"--nproc {par.world_size}" + (f", not {nproc}" if nproc > 1 else ""))
     if nproc > 1:  # all sizes 1: FSDP over the processes
         sharded = par.dp_shard > 1 or par.tp > 1 or par.cp > 1 or par.world_size == 1

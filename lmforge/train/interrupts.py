@@ -173,7 +173,8 @@ class Interrupts:
             if not consistent:
                 tqdm.write(f"interrupted inside the optimizer update of step {trainer.step + 1}: no consistent "
                            f"state to save; {resume_point(trainer.run_dir)}")
-            elif trainer.step > 0 and not trainer.has_current_checkpoint():
+                return  # the line above names the resume point; the ones below would say it again
+            if trainer.step > 0 and not trainer.has_current_checkpoint():
                 try:
                     trainer.save()
                 except KeyboardInterrupt:  # a second signal: the write is atomic, so nothing of it was kept

@@ -89,6 +89,23 @@ def test_fit_after_an_interrupt_inside_optimizer_step_is_refused(shard, tmp_path
     assert tr.step == 3  # nothing trained
 
 
+def test_an_interrupt_inside_the_first_update_names_the_resume_point_once(shard, tmp_path, capsys):
+    """Inside optimizer.step of step 1 (no checkpoint yet): the 'no consistent state' line names where the run
+    resumes; a second 'interrupted at step 0' line said the same again."""
+    tr = Trainer(_config(shard, tmp_path / "run", "dense"))
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    tr.optimizer.register_step_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    out = capsys.readouterr().out
+    assert out.count("running the same command again starts it from step 0") == 1, out
+    assert ("interrupted inside the optimizer update of step 1: no consistent state to save; no checkpoint of this "
+            "run is complete; running the same command again starts it from step 0\n") in out
+
+
 def test_a_step_rolled_back_in_its_micro_batches_leaves_no_expert_load(shard, tmp_path):
     """An interrupt in micro-batch 2 of step 2 rolls the step back; fit() again on the same Trainer (a notebook
     after Ctrl-C) ends on the uninterrupted run's weights and metrics bit for bit: the rolled-back micro-batch's

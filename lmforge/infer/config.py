@@ -39,7 +39,8 @@ class EngineConfig:
     """reuse the cached blocks of a known prompt prefix; on models with recurrent-state layers only with
     state_snapshots > 0 (a block holds keys, not the state after it: lmforge.infer.kv.state; True without them is
     an error). None = on, except for a RoPE scaling that depends on the context length (dynamic NTK, LongRoPE),
-    whose cached keys depend on the length of the sequence that computed them: off there, and True is an error"""
+    whose cached keys depend on the length of the sequence that computed them: off there, and True is an error;
+    a model without cache_spec() (HFCausalLM: the recompute path) has no blocks to reuse, and True is an error"""
     max_model_len: int | None = None
     """the longest sequence served (prompt + generated tokens); None = the model's max_seq_len (a HF checkpoint's
     max_position_embeddings). Larger serves a RoPE-scaled checkpoint (YaRN, linear, dynamic NTK...) past it;

@@ -143,6 +143,10 @@ class Engine:
         if spec is None and config.kv_cache_dtype is not None or narrow and config.kernel_step:
             raise ConfigError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs a model with cache_spec() (the paged "
                               "cache) and no kernel_step=True (the kernel step reads keys in the model's dtype)")
+        if spec is None and config.prefix_caching:
+            raise ConfigError(f"prefix_caching=True needs a model with cache_spec() (the paged cache whose blocks it "
+                              f"reuses); {type(model).__name__} has none (the recompute path runs every sequence "
+                              "from scratch); leave prefix_caching unset")
         if spec is None:
             num_blocks = -(-config.max_num_seqs * self.max_seq_len // config.block_size)
             self.runner = RecomputeRunner(model, self.device)

@@ -278,6 +278,22 @@ def test_the_wrapper_stops_at_the_hf_models_end_of_sequence_id(tok):
     assert out.token_ids == want == free[:want.index(int(free[3])) + 1].tolist() and out.finish_reason == "stop"
 
 
+def test_prefix_caching_on_the_wrapper_is_refused(tok):
+    """HFCausalLM has no cache_spec(), so the engine recomputes every sequence: prefix_caching=True has no
+    blocks to reuse and was accepted silently; it is refused like kv_cache_dtype there, and None stays accepted."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.infer.hf_wrapper import HFCausalLM
+
+    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = HFCausalLM(transformers.LlamaForCausalLM(cfg).eval())
+    with pytest.raises(ConfigError, match=r"^prefix_caching=True needs a model with cache_spec\(\).*HFCausalLM has "
+                                          r"none.*leave prefix_caching unset$"):
+        Engine(model, tok, EngineConfig(prefix_caching=True))
+    Engine(model, tok, EngineConfig())
+    Engine(model, tok, EngineConfig(prefix_caching=False))
+
+
 def test_async_engine_streams_each_request(tok):
     model = tiny_model("llama")
     sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)

@@ -232,6 +232,7 @@ class Engine:
             check_state_request(params, self.config.max_num_seqs)
         self._check_caps(params)
         ids = self.encode(prompt, params, prompt_index or 0)
+        check_prompt_logprobs_start(ids, params, prompt_index)
         params, length = self._check_length(ids, params, prompt_index)
         req = Request(rid, prompt if isinstance(prompt, str) else None, PromptIds(ids), params, next(self._arrivals),
                       kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer, self.eos_ids)),
@@ -720,3 +721,13 @@ def _claims(seq: Sequence) -> bool:
     """Whether the request's strategy (beam search, speculative decoding) handles this sequence's logits."""
     strategy = seq.request.strategy
     return strategy is not None and strategy.claims(seq)
+
+
+def check_prompt_logprobs_start(ids: list[int], params: SamplingParams, index: int | None) -> None:
+    """SamplingParams.prompt_logprobs_start names a prompt token (the default 1 also serves a one-token prompt,
+    whose only token has no log-prob): past the last one no prompt token would get log-probs, which is refused."""
+    start, n = params.prompt_logprobs_start, len(ids)
+    if params.prompt_logprobs is not None and start > max(n - 1, 1):
+        where = f"prompt {index}: " if index is not None else ""
+        raise LmforgeError(f"{where}prompt_logprobs_start={start} is past the last token of the {n}-token prompt "
+                           f"(position {n - 1}); give {'1' if n <= 2 else f'1 to {n - 1}'}")

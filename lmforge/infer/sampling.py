@@ -103,7 +103,8 @@ class SamplingParams:
     positions they need are computed, not taken from the prefix cache"""
     prompt_logprobs_start: int = 1
     """with prompt_logprobs: the first prompt token that gets them (earlier ones get None, and their
-    positions may come from the prefix cache: scoring continuations of one shared context)"""
+    positions may come from the prefix cache: scoring continuations of one shared context); past the prompt's
+    last token (where none would get them) the engine refuses the request"""
     beam_width: int = 1
     """> 1 = beam search (deterministic; sampling fields must stay off); n best beams are returned"""
     length_penalty: float = 1.0

@@ -234,6 +234,23 @@ def test_prompt_logprobs_must_be_non_negative():
         SamplingParams(prompt_logprobs=0, prompt_logprobs_start=0)
 
 
+def test_prompt_logprobs_start_past_the_prompt_is_refused(tok):
+    """A start past the prompt's last token gave no prompt log-probs at all, silently (request.py cut it to the
+    prompt); the engine knows the prompt's length, so it refuses it naming both, and queues nothing."""
+    engine = Engine(tiny_model("llama"), tok, EngineConfig(block_size=4))
+    prompt = [5, 6, 7, 8, 9]
+    for start in (5, 12):
+        with pytest.raises(LmforgeError, match=rf"^prompt 2: prompt_logprobs_start={start} is past the last token of "
+                                               r"the 5-token prompt \(position 4\); give 1 to 4$"):
+            engine.add_request(prompt, SamplingParams(max_tokens=1, prompt_logprobs=0, prompt_logprobs_start=start),
+                               prompt_index=2)
+    assert not engine.has_unfinished()
+    out, = run(engine, [(prompt, SamplingParams(max_tokens=1, prompt_logprobs=0, prompt_logprobs_start=4))])
+    assert out.prompt_logprobs[:4] == [None] * 4 and out.prompt_logprobs[4] is not None
+    out, = run(engine, [([5], SamplingParams(max_tokens=1, prompt_logprobs=0))])  # the default 1: still [None]
+    assert out.prompt_logprobs == [None]
+
+
 def test_a_request_refused_halfway_through_a_batch_leaves_nothing_queued(tok):
     llm = LLM(tiny_model("llama"), tok, config=EngineConfig(block_size=4, num_kv_tokens=32))
     with pytest.raises(LmforgeError, match="KV blocks"):

@@ -25,19 +25,24 @@ class ParallelConfig:
     dp_shard: int = 1
     """FSDP2 shard group size (1 = no FSDP)"""
     tp: int = 1
-    """tensor-parallel degree: attention heads and MLP width split across ranks (divides n_heads, n_kv_heads)"""
+    """tensor-parallel degree: attention heads and MLP width split across ranks (divides n_heads, n_kv_heads);
+    pretraining only (lmforge train)"""
     pp: int = 1
-    """pipeline stages (divides n_layers)"""
+    """pipeline stages (divides n_layers); pretraining only (lmforge train)"""
     cp: int = 1
-    """context-parallel degree: each rank holds seq_len / cp tokens of every sequence"""
+    """context-parallel degree: each rank holds seq_len / cp tokens of every sequence; pretraining only
+    (lmforge train)"""
     pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
-    """pipeline schedule: 'gpipe' (all forwards, then all backwards) or '1f1b' (less activation memory)"""
+    """pipeline schedule: 'gpipe' (all forwards, then all backwards) or '1f1b' (less activation memory);
+    pretraining only (lmforge train)"""
     microbatches: int = 0
-    """pipeline micro-batches per step; 0 = 2·pp"""
+    """pipeline micro-batches per step; 0 = 2·pp; pretraining only (lmforge train)"""
     sequence_parallel: bool = True
-    """with tp > 1: norms and residual stream sharded along the sequence (Korthikanti et al. 2022)"""
+    """with tp > 1: norms and residual stream sharded along the sequence (Korthikanti et al. 2022); pretraining
+    only (lmforge train)"""
     loss_parallel: bool = False
-    """with tp > 1: cross-entropy on vocabulary-sharded logits (the full logits never exist on one rank)"""
+    """with tp > 1: cross-entropy on vocabulary-sharded logits (the full logits never exist on one rank);
+    pretraining only (lmforge train)"""
     param_dtype: Literal["fp32", "bf16"] = "fp32"
     """FSDP2's mixed precision (layouts with FSDP2 units only: fsdp_units): the dtype weights are gathered and
     computed in"""

@@ -1,8 +1,8 @@
 """Post-training on 2 gloo processes (CPU) through the one Trainer: SFT under FSDP2 and DPO under DDP (its
 frozen reference replicated on both ranks) and a reward model under FSDP2 and under DDP give the 1-process loss
-curve and final validation metrics on the same global batch, rank 0 writes each checkpoint once, and the 2-process step-3 checkpoint resumes in
-one process with the rest of the uninterrupted curve; `lmforge sft --nproc 2` runs under torchrun. tp /
-pp / cp are refused in the config.
+curve and final validation metrics on the same global batch, rank 0 writes each checkpoint once, and the
+2-process step-3 checkpoint resumes in one process with the rest of the uninterrupted curve; `lmforge sft
+--nproc 2` runs under torchrun. tp / pp / cp are refused in the config, and --help marks them pretraining only.
 
 Tolerance: 1e-4 absolute, as for pretraining (tests/train/test_distributed.py): the ranks' gradients are
 summed in another order than one process's (about 1e-7 relative) and Adam's normalised step carries that
@@ -99,7 +99,8 @@ def test_two_processes_match_one_and_resume_in_one(base, tmp_path, objective, la
     assert [p.name for p in checkpoint_dirs(run)] == ["step_000003", "step_000006"]  # written once, by rank 0
     a, b = (load_file(r / "checkpoints" / "step_000006" / "model.safetensors") for r in (run, tmp_path / "one"))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL
-    meta = [json.loads((r / "checkpoints" / "step_000006" / "config.json").read_text()) for r in (run, tmp_path / "one")]
+    meta = [json.loads((r / "checkpoints" / "step_000006" / "config.json").read_text())
+            for r in (run, tmp_path / "one")]
     assert meta[0].get("model") == meta[1].get("model") and meta[0].get("model_class") == meta[1].get("model_class")
     assert meta[0].get("head") == meta[1].get("head") == ({"kind": "sequence", "out_dim": 1, "train_backbone": True}
                                                           if objective == "rm" else None)
@@ -115,6 +116,34 @@ def test_tensor_pipeline_context_parallel_are_refused(base, tmp_path):
         _cfg(str(base), str(tmp_path), "sft", {"tp": 2})
 
 
+PRETRAINING_ONLY = ("tp", "pp", "cp", "pp-schedule", "microbatches", "sequence-parallel", "loss-parallel")
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "rm", "distill", "kto", "orpo"])
+def test_the_help_marks_the_layouts_post_training_refuses(objective, capsys, monkeypatch):
+    """`lmforge sft --help` (dpo, rm, ...) listed --parallel.tp / pp / cp and their options as if they served,
+    though any of tp, pp, cp > 1 is refused ("post-training runs data parallel only"): each says it is pretraining
+    only; the data-parallel ones do not."""
+    from lmforge.align.config import config_class
+    from lmforge.cli.common import parse_config
+
+    monkeypatch.setenv("COLUMNS", "80")  # one column: each flag's help on the lines below it
+    with pytest.raises(SystemExit):
+        parse_config(config_class(objective), ["--help"], prog=f"lmforge {objective}", description="")
+    lines = [line.strip("│ ") for line in capsys.readouterr().out.splitlines()]
+    helps, flag = {}, None
+    for line in lines:
+        if line.startswith("--"):
+            flag = line.split()[0]
+        if flag is not None:
+            helps[flag] = helps.get(flag, "") + " " + line
+    helps = {k: " ".join(v.split()) for k, v in helps.items()}
+    for name in PRETRAINING_ONLY:
+        assert "pretraining only (lmforge train)" in helps[f"--parallel.{name}"], helps[f"--parallel.{name}"]
+    for name in ("dp-shard", "dp-replicate", "param-dtype"):
+        assert "pretraining only" not in helps[f"--parallel.{name}"]
+
+
 def test_lmforge_sft_nproc_2_runs_under_torchrun(base, tmp_path):
     """`lmforge sft --nproc 2` re-runs itself on 2 processes: one run directory, one report line."""
     import subprocess
@@ -123,8 +152,8 @@ def test_lmforge_sft_nproc_2_runs_under_torchrun(base, tmp_path):
     from .test_trainer_objectives import REPO, _toml
 
     (tmp_path / "sft.toml").write_text(_toml(base, tmp_path / "run", max_steps=2))
-    out = subprocess.run([sys.executable, "-m", "lmforge", "sft", "--config", str(tmp_path / "sft.toml"), "--nproc", "2"],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "lmforge", "sft", "--config", str(tmp_path / "sft.toml"),
+                          "--nproc", "2"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("done: 2 steps") == 1
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_000002"]

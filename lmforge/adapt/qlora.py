@@ -164,13 +164,32 @@ def base_layer_record(model: nn.Module) -> dict[str, dict]:
         cls = _own_class(layer)
         kind = kinds.get(cls)
         if kind:
-            out[name] = {"kind": kind, "settings": dict(getattr(layer, "settings", None) or {})}
+            out[name] = {"kind": kind, "settings": _json_settings(name, layer)}
         else:
             weight = getattr(getattr(layer, "weight", None), "_local_tensor", getattr(layer, "weight", None))
             ours = cls.__module__.startswith(("torch.nn.", "lmforge.")) and isinstance(weight, torch.Tensor)
             held = f" holding a {_path(type(weight))}" if ours and not _bare(weight) else ""  # (torchao's)
             out[name] = {"class": _path(cls) + held}
     return out
+
+
+def _json_settings(name: str, layer: nn.Module) -> dict:
+    """The layer's `settings` as config.json will hold them, refusing what would fail later with a bare TypeError: a
+    value JSON cannot hold (a torch.dtype: the checkpoint's write, maybe after hours of training) and a setting named
+    dtype or device (load_model's empty(**settings, dtype=, device=) call)."""
+    settings = dict(getattr(layer, "settings", None) or {})
+    for key, value in settings.items():
+        if key in ("dtype", "device"):  # load_model passes its own to empty(**settings, dtype=, device=)
+            raise ConfigError(f"base layer {name}: {type(layer).__name__}.settings has {key!r}, a name load_model "
+                              f"passes to empty() itself (the model's {key}); rename the setting (e.g. 'q{key}')")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"base layer {name}: {type(layer).__name__}.settings[{key!r}] is {value!r}, which "
+                              "config.json cannot hold (load_model passes the settings back to empty/from_linear); "
+                              "give settings JSON values: strings, numbers, bools, lists, dicts (a dtype by its "
+                              "name, e.g. 'int8')") from None
+    return settings
 
 
 def warn_unregistered(record: dict[str, dict]) -> None:
@@ -219,11 +238,12 @@ def restore_base_layers(model: nn.Module, record: dict[str, dict], where: str, *
 
 
 def _call(fn, args: tuple, kwargs: dict, optional: dict):
-    """fn(*args, **kwargs, **those of `optional` its signature takes)."""
+    """fn(*args, **kwargs, **those of `optional` its signature takes and kwargs lacks: a checkpoint saved before
+    settings named dtype/device were refused keeps its own)."""
     params = inspect.signature(fn).parameters.values()
     takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
     names = {p.name for p in params}
-    return fn(*args, **kwargs, **{k: v for k, v in optional.items() if takes_all or k in names})
+    return fn(*args, **kwargs, **{k: v for k, v in optional.items() if (takes_all or k in names) and k not in kwargs})
 
 
 def base_shell(cls: type, built: nn.Module, settings: dict, what: str, dtype: torch.dtype | None = None,

@@ -39,6 +39,22 @@ def model_config_of(ckpt: Path):
     return from_dict(ModelConfig, meta["model"], "model"), meta
 
 
+def _quantized_hint(ckpt: Path, names: list[str]) -> str:
+    """Why a checkpoint with quantized base layers (config.json's "base_layers", lmforge.adapt.qlora) does not
+    match a model whose layers at those names are others (a float model built by hand): load_model rebuilds them."""
+    try:
+        layers = json.loads((ckpt / "config.json").read_text()).get("base_layers") or {}
+    except (OSError, ValueError):
+        return ""
+    inside = tuple(f"{n}." for n in layers)
+    if not any(n.startswith(inside) for n in names):
+        return ""
+    first, entry = next(iter(layers.items()))
+    return (f"; it holds quantized base layers ({first}: {entry.get('kind') or entry.get('class')}, {len(layers)} "
+            "such) where the model has other modules: load_model(path) rebuilds them, or put layers of that kind "
+            "there (lmforge.model.surgery.replace_module) before load_weights")
+
+
 def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None = None, *,
                  own_frozen: bool = True) -> None:
     """Load weights, refusing missing/unexpected/mis-shaped tensors (nothing is half-loaded). `required`:
@@ -71,6 +87,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None =
         base = recorded_base(ckpt) if required is None else None
         if base:
             hint = f"; it holds only what trained over the base {base['path']}: load_model(path)"
+        hint = _quantized_hint(ckpt, missing + unexpected) or hint
         raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}{hint}")
     for name, t in state.items():

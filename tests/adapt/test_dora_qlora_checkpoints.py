@@ -13,7 +13,7 @@ from lmforge import checkpoint as ckpt
 from lmforge.adapt.dora import DoRALinear
 from lmforge.adapt.lora import LoRAConfig, LoRALinear, adapters_disabled, apply_lora, lora_layers, merge_lora
 from lmforge.adapt.qlora import BASE_LAYERS
-from lmforge.errors import ConfigError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.surgery import replace_module
 
 from ..align.helpers import tiny_model
@@ -191,3 +191,52 @@ def test_a_reward_model_over_a_backbone_quantized_after_loading_opens_as_saved(t
     path = ckpt.save_checkpoint(tmp_path / "rm", 1, model, base=ckpt.base_record(fbase))
     assert "backbone.blocks.0.attn.wq.base.codes" in load_file(path / "model.safetensors")
     same_logits(path, model)
+
+
+def test_a_setting_json_cannot_hold_is_refused_at_save_naming_it(tmp_path, int8, monkeypatch):
+    """A registered layer whose settings hold a torch.dtype failed the checkpoint's write with a bare TypeError
+    ("Object of type dtype is not JSON serializable", found 2026-12-07): the save names the layer, the setting
+    and the fix in one line, and writes nothing."""
+    monkeypatch.setattr(int8, "settings", {"bits": 8, "store": torch.int8})
+    with pytest.raises(ConfigError) as e:
+        ckpt.save_checkpoint(tmp_path / "q", 0, quantize(tiny_model(0)))
+    assert str(e.value) == ("base layer blocks.0.attn.wq: RegisteredInt8.settings['store'] is torch.int8, which "
+                            "config.json cannot hold (load_model passes the settings back to empty/from_linear); "
+                            "give settings JSON values: strings, numbers, bools, lists, dicts (a dtype by its name, "
+                            "e.g. 'int8')")
+    assert not list((tmp_path / "q").rglob("model.safetensors"))
+
+
+def test_a_quantized_checkpoint_loaded_into_a_float_model_names_load_model(tmp_path, int8):
+    """load_weights of a quantized base checkpoint into a float model listed missing weights and unexpected codes
+    and stopped there (found 2026-12-07): the error says the checkpoint holds quantized layers and names the fix."""
+    path = ckpt.save_checkpoint(tmp_path / "q", 0, quantize(tiny_model(0)))
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_weights(tiny_model(0), path)
+    assert str(e.value).endswith("; it holds quantized base layers (blocks.0.attn.wq: test-int8, 3 such) where the "
+                                 "model has other modules: load_model(path) rebuilds them, or put layers of that kind "
+                                 "there (lmforge.model.surgery.replace_module) before load_weights")
+    ckpt.load_weights(quantize(tiny_model(1)), path)  # a model quantized the same way loads it
+
+
+def test_a_setting_named_dtype_is_refused_at_save_and_an_old_checkpoint_keeps_its_own(tmp_path, int8, monkeypatch):
+    """A setting named dtype (a 4-bit quantizer's {"dtype": "nf4"}) saved, then load_model's empty(**settings,
+    dtype=...) failed with "got multiple values for keyword argument 'dtype'" (found 2026-12-07): the save refuses
+    it naming the rename, and a layer built from a record that has one gets the recorded value."""
+    from lmforge.adapt.qlora import base_shell
+
+    class Typed(RegisteredInt8):
+        @classmethod
+        def empty(cls, in_features: int, out_features: int, bias: bool, dtype: str, device=None) -> "Typed":
+            layer = cls(nn.Linear(in_features, out_features, bias=bias))
+            layer.settings = {"dtype": dtype}
+            return layer
+
+    monkeypatch.setitem(BASE_LAYERS, "test-typed", Typed)
+    monkeypatch.setattr(Typed, "settings", {"dtype": "int8"})
+    with pytest.raises(ConfigError) as e:
+        ckpt.save_checkpoint(tmp_path / "q", 0, quantize(tiny_model(0), Typed))
+    assert str(e.value) == ("base layer blocks.0.attn.wq: Typed.settings has 'dtype', a name load_model passes to "
+                            "empty() itself (the model's dtype); rename the setting (e.g. 'qdtype')")
+    shell = base_shell(Typed, nn.Linear(16, 16, bias=False), {"dtype": "int8"}, "x", torch.float32)
+    assert shell.settings == {"dtype": "int8"}

@@ -216,7 +216,9 @@ def over_float_base(model, ckpt: Path, base: str | None):
         onto_float_base(model, floats)
     except ConfigError as e:
         raise ConfigError(f"--adapter: {ckpt} holds adapters over quantized layers, and its recorded base is no "
-                          f"float model to put them over: {e}") from None
+                          f"float model to put them over: {e}; in Python, move them onto the float model the base "
+                          "was quantized from (lmforge.adapt.qlora.onto_float_base(model, float_model)), save that "
+                          "(save_checkpoint(DIR, step, float_model, base=base_record(FLOAT))) and export DIR") from None
     floats.eos_token_ids = model.eos_token_ids
     return floats
 

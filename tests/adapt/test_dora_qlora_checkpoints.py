@@ -240,3 +240,25 @@ def test_a_setting_named_dtype_is_refused_at_save_and_an_old_checkpoint_keeps_it
                             "empty() itself (the model's dtype); rename the setting (e.g. 'qdtype')")
     shell = base_shell(Typed, nn.Linear(16, 16, bias=False), {"dtype": "int8"}, "x", torch.float32)
     assert shell.settings == {"dtype": "int8"}
+
+
+def test_exporting_adapters_over_a_quantized_base_checkpoint_names_the_route_that_works(tmp_path, int8, capsys):
+    """Adapters saved over a quantized base checkpoint have no float base recorded for PEFT, and --base takes only
+    the same base moved: the error said the float model was needed but not how to give it (found 2026-12-07). It
+    names onto_float_base + save_checkpoint, and that route exports."""
+    from lmforge.adapt.qlora import onto_float_base
+    from lmforge.cli import main
+
+    fbase = ckpt.save_checkpoint(tmp_path / "fbase", 0, tiny_model(0))
+    qbase = ckpt.save_checkpoint(tmp_path / "qbase", 0, quantize(tiny_model(0)))
+    model = trained(apply_lora(quantize(tiny_model(0)), LoRAConfig(r=2, alpha=4, targets=("wq", "up"))))
+    path = ckpt.save_checkpoint(tmp_path / "q", 1, model, base=ckpt.base_record(qbase))
+    assert main(["export", str(path), str(tmp_path / "peft"), "--adapter"]) == 2
+    err = capsys.readouterr().err.splitlines()[0]
+    assert err.endswith("the adapters need the full-precision model it was quantized from; in Python, move them onto "
+                        "the float model the base was quantized from (lmforge.adapt.qlora.onto_float_base(model, "
+                        "float_model)), save that (save_checkpoint(DIR, step, float_model, base=base_record(FLOAT))) "
+                        "and export DIR")
+    floats = onto_float_base(ckpt.load_model(path, tokenizer=False)[0], ckpt.load_model(fbase, tokenizer=False)[0])
+    moved = ckpt.save_checkpoint(tmp_path / "moved", 1, floats, base=ckpt.base_record(fbase))
+    assert main(["export", str(moved), str(tmp_path / "peft"), "--adapter"]) == 0

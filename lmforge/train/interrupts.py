@@ -171,8 +171,10 @@ class Interrupts:
             trainer.elapsed = time.perf_counter() - t_start
             trainer.flush()
             if not consistent:
-                tqdm.write(f"interrupted inside the optimizer update of step {trainer.step + 1}: no consistent "
-                           f"state to save; {resume_point(trainer.run_dir)}")
+                say = (f"interrupted inside the optimizer update of step {trainer.step + 1}: no consistent state to "
+                       f"save; {resume_point(trainer.run_dir)}")
+                if report_once(say):  # (the N processes of one --nproc launch: once)
+                    tqdm.write(say)
                 return  # the line above names the resume point; the ones below would say it again
             if trainer.step > 0 and not trainer.has_current_checkpoint():
                 try:

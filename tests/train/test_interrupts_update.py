@@ -104,6 +104,15 @@ def test_an_interrupt_inside_the_first_update_names_the_resume_point_once(shard,
     assert out.count("running the same command again starts it from step 0") == 1, out
     assert ("interrupted inside the optimizer update of step 1: no consistent state to save; no checkpoint of this "
             "run is complete; running the same command again starts it from step 0\n") in out
+    from lmforge.parallel.reports import shared_reports
+
+    with shared_reports():  # the N ranks of one --nproc launch: said once, not once per rank
+        for rank in range(2):
+            tr = Trainer(_config(shard, tmp_path / f"rank{rank}", "dense"))
+            tr.optimizer.register_step_pre_hook(interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                tr.fit()
+    assert capsys.readouterr().out.count("interrupted inside the optimizer update") == 1
 
 
 def test_a_step_rolled_back_in_its_micro_batches_leaves_no_expert_load(shard, tmp_path):

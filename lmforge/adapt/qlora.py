@@ -176,10 +176,12 @@ def base_layer_record(model: nn.Module) -> dict[str, dict]:
 def _json_settings(name: str, layer: nn.Module) -> dict:
     """The layer's `settings` as config.json will hold them, refusing what would fail later with a bare TypeError: a
     value JSON cannot hold (a torch.dtype: the checkpoint's write, maybe after hours of training) and a setting named
-    dtype or device (load_model's empty(**settings, dtype=, device=) call)."""
+    dtype or device where the class's empty() takes that name (load_model passes the model's own there); a class
+    built through from_linear alone may name a setting so."""
     settings = dict(getattr(layer, "settings", None) or {})
+    empty = getattr(type(layer), "empty", None)
     for key, value in settings.items():
-        if key in ("dtype", "device"):  # load_model passes its own to empty(**settings, dtype=, device=)
+        if key in ("dtype", "device") and callable(empty) and _takes(empty, key):  # (load_model's own, to empty())
             raise ConfigError(f"base layer {name}: {type(layer).__name__}.settings has {key!r}, a name load_model "
                               f"passes to empty() itself (the model's {key}); rename the setting (e.g. 'q{key}')")
         try:
@@ -240,10 +242,13 @@ def restore_base_layers(model: nn.Module, record: dict[str, dict], where: str, *
 def _call(fn, args: tuple, kwargs: dict, optional: dict):
     """fn(*args, **kwargs, **those of `optional` its signature takes and kwargs lacks: a checkpoint saved before
     settings named dtype/device were refused keeps its own)."""
+    return fn(*args, **kwargs, **{k: v for k, v in optional.items() if _takes(fn, k) and k not in kwargs})
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether `fn` takes a keyword argument `name` (by name or through **kwargs)."""
     params = inspect.signature(fn).parameters.values()
-    takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
-    names = {p.name for p in params}
-    return fn(*args, **kwargs, **{k: v for k, v in optional.items() if (takes_all or k in names) and k not in kwargs})
+    return any(p.kind is p.VAR_KEYWORD for p in params) or name in {p.name for p in params}
 
 
 def base_shell(cls: type, built: nn.Module, settings: dict, what: str, dtype: torch.dtype | None = None,

@@ -242,6 +242,25 @@ def test_a_setting_named_dtype_is_refused_at_save_and_an_old_checkpoint_keeps_it
     assert shell.settings == {"dtype": "int8"}
 
 
+def test_a_setting_named_dtype_saves_and_loads_where_only_from_linear_builds_the_layer(tmp_path, monkeypatch):
+    """load_model gives its own dtype/device to empty() only: a class built through from_linear alone may name a
+    setting dtype (a quantizer's {"dtype": "int8"}), which saved and loaded before the refusal above took it too."""
+    class Named(RegisteredInt8):
+        settings = {"dtype": "int8"}
+
+        @classmethod
+        def from_linear(cls, linear: nn.Linear, dtype: str) -> "Named":
+            assert dtype == "int8"
+            return cls(linear)
+
+    monkeypatch.setitem(BASE_LAYERS, "test-named", Named)
+    model = quantize(tiny_model(0), Named)
+    path = ckpt.save_checkpoint(tmp_path / "q", 0, model)
+    back = ckpt.load_model(path, tokenizer=False)[0]
+    ids = torch.arange(8).view(1, 8)
+    assert torch.equal(model(ids)[0], back(ids)[0])
+
+
 def test_exporting_adapters_over_a_quantized_base_checkpoint_names_the_route_that_works(tmp_path, int8, capsys):
     """Adapters saved over a quantized base checkpoint have no float base recorded for PEFT, and --base takes only
     the same base moved: the error said the float model was needed but not how to give it (found 2026-12-07). It

@@ -172,7 +172,7 @@ class Engine:
         # state models: prefix hits need state snapshots (lmforge.infer.kv.state)
         wanted = config.prefix_caching is not False  # (None: on where it can be)
         snapshots = config.state_snapshots if self.has_state and wanted else 0
-        caching = wanted and (snapshots > 0 or not self.has_state) and allows["prefix_caching"]
+        caching = spec is not None and wanted and (snapshots > 0 or not self.has_state) and allows["prefix_caching"]
         self.pool = BlockPool(num_blocks, config.block_size, caching)
         # when every attention layer slides (Mistral; Samba: recurrent layers between sliding ones, which keep
         # no keys), blocks behind the window are freed as sequences advance

@@ -290,7 +290,7 @@ def test_prefix_caching_on_the_wrapper_is_refused(tok):
     with pytest.raises(ConfigError, match=r"^prefix_caching=True needs a model with cache_spec\(\).*HFCausalLM has "
                                           r"none.*leave prefix_caching unset$"):
         Engine(model, tok, EngineConfig(prefix_caching=True))
-    Engine(model, tok, EngineConfig())
+    assert not Engine(model, tok, EngineConfig()).pool.prefix_caching  # (None: off, no hits counted for recomputes)
     Engine(model, tok, EngineConfig(prefix_caching=False))
 
 

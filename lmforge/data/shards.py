@@ -35,9 +35,10 @@ VERSION = 2
 """the newest format: 2 adds the documents' starts after the tokens (shards written without a separator); a shard
 without them is written as version 1, which readers before it read"""
 SCAN_AT_OPEN = 1 << 24
-"""A shard of up to this many tokens has every id checked when a run opens it (TokenFile.check_vocab: one vectorised
-max, ~10 ms); a larger one has each window checked as it is read (TokenFile.check_ids from train.data.Split.window),
-so its header's max_id is never trusted alone."""
+"""Shards of up to this many tokens in all have every id checked when a run opens them (TokenFile.check_vocab: one
+vectorised max, ~10 ms per 16M tokens in memory; train.data.open_splits counts across its shards, so a corpus of many
+small shards is not read whole at every start); any other has each window checked as it is read
+(TokenFile.check_ids from train.data.Split.window), so a header's max_id is never trusted alone."""
 _RESERVED = 4096  # header bytes reserved by the streaming writer (the header is rewritten at close)
 
 
@@ -194,7 +195,7 @@ class TokenFile:
         self.model_vocab: int | None = None
         """the vocab_size of the model reading the shard (check_vocab), which bounds its ids with the shard's own"""
         self.scanned = False
-        """whether every id was checked (check_vocab, a shard of up to SCAN_AT_OPEN tokens)"""
+        """whether every id was checked (check_vocab: within the SCAN_AT_OPEN tokens scanned at open)"""
         self.doc_starts: np.ndarray | None = None
         """where each document's tokens begin, in a shard without doc_sep that records them (older ones do not)"""
         if self.header.get("doc_starts"):
@@ -216,8 +217,9 @@ class TokenFile:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def check_vocab(self, model_vocab: int) -> None:
-        """Refuse shards whose ids do not fit the model's embedding table."""
+    def check_vocab(self, model_vocab: int, scan: bool = True) -> None:
+        """Refuse shards whose ids do not fit the model's embedding table; `scan`: check every id now where the
+        shard holds up to SCAN_AT_OPEN tokens (open_splits stops scanning once its shards together pass it)."""
         max_id = self.header.get("max_id")
         if max_id is None:
             max_id = int(self.tokens.max()) if len(self.tokens) else -1
@@ -227,7 +229,7 @@ class TokenFile:
                 f"set model.vocab_size >= {max_id + 1} or re-tokenize"
             )
         self.model_vocab = model_vocab
-        if len(self.tokens) <= SCAN_AT_OPEN:
+        if scan and len(self.tokens) <= SCAN_AT_OPEN:
             self.check_ids(self.tokens)
             self.scanned = True
 

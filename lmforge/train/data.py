@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from lmforge.data.shards import TokenFile
+from lmforge.data.shards import SCAN_AT_OPEN, TokenFile
 from lmforge.errors import DataError, LmforgeError
 
 PROBE = "The quick brown fox, 1234 times: jumps! éü 日本 \n\tdef f(x): return x ** 2  \u2014 end"
@@ -195,8 +195,10 @@ def open_splits(train: tuple[str, ...], val: tuple[str, ...], val_fraction: floa
                             "validation loss would measure text trained on; give it to one of them")
     files = [TokenFile(p) for p in train_paths]
     val_files = [TokenFile(p) for p in val_paths]
+    budget = SCAN_AT_OPEN  # (tokens scanned whole at open, over all the shards: the rest per window read)
     for f in files + val_files:
-        f.check_vocab(model_vocab)
+        f.check_vocab(model_vocab, scan=len(f.tokens) <= budget)
+        budget -= len(f.tokens) if f.scanned else 0
     if val_files:
         tr = [Split(f, 0, len(f)) for f in files]
         va = [Split(f, 0, len(f)) for f in val_files]

@@ -367,3 +367,15 @@ def test_a_symlink_loop_given_as_a_shard_is_one_line(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(DataError, match=rf"^data.train: {re.escape(str(loop))} cannot be followed \("):
         shard_paths((str(loop),), "data.train")
+
+
+def test_shards_are_scanned_at_open_up_to_scan_at_open_tokens_in_all(tmp_path, bpe_shards, monkeypatch):
+    """The whole-shard scan at open counts across the run's shards (many small shards were each read whole at every
+    start); the rest are checked per window read."""
+    from lmforge.train import data as train_data
+
+    _, path, ids, train = bpe_shards
+    other = write_tokens(tmp_path / "b" / "more.bin", ids, vocab_size=300, tokenizer=str(path))
+    monkeypatch.setattr(train_data, "SCAN_AT_OPEN", len(ids) + 1)
+    parts, _ = train_data.open_splits((str(train), str(other)), (), 0.1, 16, 300)
+    assert [s.file.scanned for s in parts] == [True, False]

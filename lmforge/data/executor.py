@@ -72,7 +72,12 @@ class RunLayout:
 def read_run_json(path: Path) -> Any:
     """A JSON file the run wrote for itself (pipeline.json, a shard's done marker): utils.read_record, whose advice
     for a damaged one is --restart."""
-    return read_record(path, "rerun with --restart to redo the run, or choose a new output.dir")
+    advice = "rerun with --restart to redo the run, or choose a new output.dir"
+    record = read_record(path, advice)
+    if not isinstance(record, dict):  # (valid JSON of another shape: a TypeError in the resume check before)
+        raise ConfigError(f"{path}, one of the run's own records, is corrupt (a JSON {type(record).__name__}, not an "
+                          f"object); {advice}")
+    return record
 
 
 def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path]

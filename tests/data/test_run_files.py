@@ -279,3 +279,13 @@ def test_a_digest_without_a_home_directory_is_read_not_remembered(tmp_path, monk
     f = tmp_path / "model.bin"
     f.write_bytes(b"weights" * 100)
     assert utils.remembered_sha256(f) == hashlib.sha256(b"weights" * 100).hexdigest()
+
+
+def test_a_run_record_of_another_json_shape_is_the_corrupt_record_line(tmp_path):
+    from lmforge.data.executor import read_run_json
+    from lmforge.errors import ConfigError
+
+    record = tmp_path / "pipeline.json"
+    record.write_text("null")
+    with pytest.raises(ConfigError, match=r"pipeline.json, one of the run's own records, is corrupt \(a JSON NoneType"):
+        read_run_json(record)

@@ -42,15 +42,15 @@ def recorded_base(ckpt: Path) -> dict | None:
 
 def _peft_base(ckpt: Path) -> dict:
     """A PEFT adapter directory's base identity, where its base_model_name_or_path is a local directory."""
-    from lmforge.adapt.peft_format import CONFIG, is_peft_dir
+    from lmforge.adapt.peft_format import is_peft_dir, peft_base
 
     if not is_peft_dir(ckpt):
         return {}
-    try:
-        where = json.loads((ckpt / CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"cannot read {ckpt / CONFIG}: {e}") from e
-    return checkpoint_identity(where) if isinstance(where, str) and Path(where).exists() else {}
+    try:  # (the one reader of base_model_name_or_path: a moved `lmforge export --adapter` directory's own base/)
+        where = peft_base(ckpt)
+    except CheckpointError:  # (no local base: a hub name, nothing downloaded)
+        return {}
+    return checkpoint_identity(where)
 
 
 def base_record(path: str | Path, *, merge_lora: bool = False) -> dict[str, Any]:

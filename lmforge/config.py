@@ -156,7 +156,8 @@ def _default(f: dataclasses.Field, base: Any) -> Any:
 
 
 def _section_keys(tp: Any) -> set[str]:
-    """The keys of the table a field of type `tp` is (a dataclass, or one or None), else none."""
+    """The keys of the table a field of type `tp` is (a dataclass, one or None, or a tuple of them: an array of
+    tables), else none."""
     tables = [t for t in (tp, *typing.get_args(tp)) if _is_dataclass_type(t)]
     return {f.name for t in tables for f in dataclasses.fields(t) if f.init}
 
@@ -174,9 +175,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | Non
     if unknown:
         prefix, key = f"{where}." if where else "", unknown[0]
         section = next((name for name in sorted(fields) if key in _section_keys(hints[name])), None)
+        many = section is not None and typing.get_origin(hints[section]) in (tuple, list)  # ([[data.sources]])
+        table = f"[[{prefix}{section}]]" if many else f"[{prefix}{section}]"
         raise ConfigError(
             f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(fields))}"
-            + (f"; '{key}' is a key of [{prefix}{section}]" if section else "")
+            + (f"; '{key}' is a key of {table}" if section else "")
         )
     kwargs = {name: getattr(base, name) for name in fields} if base is not None else {}
     required = [n for n, f in fields.items() if f.default is dataclasses.MISSING

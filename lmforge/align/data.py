@@ -120,7 +120,9 @@ class Encoder:
         self.tok, self.template, self.loss_on = tokenizer, get_template(template), loss_on
         check_template(tokenizer, self.template)
         self.eos = getattr(tokenizer, "eot_id", None)
-        if self.eos is None and not MARKER.search(self.template.end):
+        self.plain_end = not MARKER.search(self.template.end)
+        """whether the template's end marker is plain text ("\\n"), which cannot tell where an answer ends (chat)"""
+        if self.eos is None and self.plain_end:
             import warnings
 
             warnings.warn(f"chat template {self.template.name!r} ends an answer with {self.template.end!r}, which "
@@ -143,7 +145,7 @@ class Encoder:
         # a template whose end marker is plain text ("\n", plain's) cannot tell where an answer ends: a final answer
         # is closed with the end-of-text token instead (trained; generation stops on it: infer.request.stop_ids), as
         # TRL appends EOS, so an answer may span lines; before, a plain-SFT model never stopped by itself
-        closes = (self.eos is not None and not MARKER.search(self.template.end)
+        closes = (self.eos is not None and self.plain_end
                   and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant")
         try:
             ids, mask = self.template.encode(self.tok, messages, add_generation_prompt=False,

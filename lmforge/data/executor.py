@@ -318,7 +318,8 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
     # (no stage_files from lmforge before 2026-12-07)
     old_inputs, old_files = (old.pop("inputs", None), old.pop("stage_files", None)) if old is not None else (None, None)
     if old_files is not None and not (isinstance(old_files, dict) and all(
-            isinstance(v, list) and all(isinstance(f, list) and len(f) in (3, 4) for f in v)
+            isinstance(v, list) and all(isinstance(f, list) and len(f) in (3, 4) and isinstance(f[0], str)
+                                        and all(type(x) is int for x in f[1:3]) for f in v)
             for v in old_files.values())):
         raise ConfigError(f"{saved}, one of the run's own records, is corrupt (its stage_files is no "
                           "{stage: [[path, size, mtime], ...]}); rerun with --restart to redo the run, or choose "

@@ -294,7 +294,7 @@ def test_a_pipeline_record_with_a_damaged_stage_files_entry_is_one_line(tmp_path
 
     p = _one_document_run(tmp_path)
     saved = tmp_path / "o" / "pipeline.json"
-    for bad in (["x"], {"tokenize": [["a", 1]]}):
+    for bad in (["x"], {"tokenize": [["a", 1]]}, {"tokenize": [[["a"], 1, 2]]}):
         saved.write_text(json.dumps({**json.loads(saved.read_text()), "stage_files": bad}))
         with pytest.raises(ConfigError, match=f"^{saved}, one of the run's own records, is corrupt \\(its stage_files"):
             run_local(load_pipeline(p))

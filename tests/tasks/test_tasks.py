@@ -553,3 +553,19 @@ def test_a_later_phrase_answers_where_the_mark_holds_no_answer():
     assert mmlu.parse("Answer: B\nThe answer is supported by the passage.") == "B"
     assert final_answer("Answer: 5313\nThe answer is verified.") == "5313"
     assert final_answer("Answer: 42\nThe answer is 41") == "42"
+
+
+@pytest.mark.parametrize("setting", [{"max_target": float("nan")}, {"max_target": float("inf")},
+                                     {"max_number": 2.5}, {"count": True}, {"count": 3.0}])
+def test_countdown_refuses_a_setting_that_is_no_whole_number_before_drawing_a_problem(setting, monkeypatch):
+    """Countdown(max_target=nan) passed its check (`nan < 1` is False) and was refused only after MAX_DRAWS random
+    expressions (4-8 s) had all "missed" the target; max_number=2.5 was random's ValueError at the first draw."""
+    from lmforge.tasks.countdown import Countdown
+
+    def costly(*args):
+        raise AssertionError("a problem was drawn before the settings were checked")
+
+    monkeypatch.setattr(Countdown, "_combine", staticmethod(costly))
+    (name, value), = setting.items()
+    with pytest.raises(ConfigError, match=f"^Countdown {name}={re.escape(repr(value))} must be a whole number >= "):
+        Countdown(**setting).examples("train", 1)

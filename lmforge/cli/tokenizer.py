@@ -12,7 +12,7 @@ from typing import Literal, Optional
 from lmforge.cli.common import parse_config, run_group
 from lmforge.config import check, names_field
 from lmforge.errors import ConfigError
-from lmforge.utils import check_output_path
+from lmforge.utils import check_output_path, input_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,13 +98,12 @@ def check_workers(workers: int | None) -> None:
 
 
 def train(argv: list[str]) -> int:
-    from lmforge.tokenizer.corpus import expand_inputs
     from lmforge.tokenizer.train import train_bpe
 
     a = parse_config(TrainArgs, argv, prog="lmforge tokenizer train", description=TrainArgs.__doc__ or "")
     check_output_path(a.out, "--out", file=Path(a.out).suffix == ".json")  # a .json --out is the tokenizer file
     check_stale_exports(a.out, a.export)
-    files = expand_inputs(a.input)
+    files = input_files(a.input)  # each checked for text once, by train_bpe before it counts (not expand_inputs too)
     stats: dict = {}
     t0 = time.perf_counter()
     tok = train_bpe(files, a.vocab_size, a.special, pattern=a.pattern, workers=a.workers,

@@ -350,3 +350,36 @@ def test_tokenizer_train_help_says_how_many_workers_it_takes_by_default(tmp_path
         lmforge_main(["tokenizer", "train", "--help"])
     text = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert f"worker processes (None = one per core, {train.MAX_DEFAULT_WORKERS} at most)" in text
+
+
+def test_each_input_file_is_checked_for_text_once(tmp_path, monkeypatch):
+    """`lmforge tokenizer train` read every input's head and tail twice: expand_inputs checked it (check_text_file),
+    then train_bpe checked it again. Now train_bpe's check is the one; encode and stats check once, in
+    expand_inputs."""
+    import lmforge.tokenizer.corpus as corpus_mod
+    import lmforge.tokenizer.train as train_mod
+
+    checked: list[str] = []
+    real = train_mod.check_text_file
+
+    def counting(path):
+        checked.append(Path(path).name)
+        real(path)
+
+    monkeypatch.setattr(train_mod, "check_text_file", counting)
+    monkeypatch.setattr(corpus_mod, "check_text_file", counting)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    inputs = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    common = ["--progress", "False", "--workers", "1"]
+    assert lmforge_main(["tokenizer", "train", "--input", *inputs, "--vocab-size", "270", "--out",
+                         str(tmp_path / "tok"), *common]) == 0
+    assert checked == ["a.txt", "b.txt"]
+    checked.clear()
+    assert lmforge_main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "tok"), "--input", *inputs, "--out",
+                         str(tmp_path / "shards"), *common]) == 0
+    assert checked == ["a.txt", "b.txt"]
+    checked.clear()
+    assert lmforge_main(["tokenizer", "stats", "--tokenizer", str(tmp_path / "tok"), "--input", *inputs,
+                         "--workers", "1"]) == 0
+    assert checked == ["a.txt", "b.txt"]

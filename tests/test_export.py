@@ -898,3 +898,22 @@ def test_a_hf_directory_whose_config_has_a_base_key_is_no_adapter_checkpoint(tmp
     ids = ids_for(tok.vocab_size)
     assert torch.equal(logits(Transformer.from_pretrained(tmp_path / "other"), ids),
                        logits(Transformer.from_pretrained(tmp_path / "hf"), ids))
+
+
+def test_the_bases_a_checkpoint_is_loaded_over_are_found_once(tmp_path, tok, monkeypatch):
+    """export walked the chain of bases (`bases`: each one's records read, resolved) once per target, twice with
+    --base-out; once now, for both."""
+    import lmforge.cli.export as export_mod
+    from lmforge.checkpoint import base_record
+
+    save_checkpoint(tmp_path / "base", 0, tiny(tok.vocab_size), tokenizer=tok)
+    base = tmp_path / "base" / "checkpoints" / "step_000000"
+    lora = LoRAConfig(r=2, alpha=4, targets=("wq",))
+    save_checkpoint(tmp_path / "run", 1, adapted(load_model(base)[0], lora), tokenizer=tok, base=base_record(base))
+    calls = []
+    real = export_mod.bases
+    monkeypatch.setattr(export_mod, "bases", lambda *a: calls.append(a) or real(*a))
+    with pytest.raises(ConfigError, match="^--family 'nope' is not"):  # refused after the targets' checks
+        export(ExportConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "peft"), adapter=True,
+                            base_out=str(tmp_path / "peft_base"), family="nope"))
+    assert len(calls) == 1 and real(*calls[0]) == [base.resolve()]

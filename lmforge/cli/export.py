@@ -98,8 +98,9 @@ def export(cfg: ExportConfig) -> Path:
     if base_out is not None and base_out.resolve() in out.resolve().parents:  # (the base would be written over it)
         raise ConfigError(f"OUT {out} is inside --base-out {base_out}, which is written whole; give the base model a "
                           "directory apart from OUT (or leave --base-out out: OUT/base)")
+    under = bases(ckpt, cfg.base)  # (once: it walks the chain of bases, reading each one's records)
     for target in (out, base_out) if base_out is not None else (out,):
-        check_target(target, ckpt, cfg.force, bases(ckpt, cfg.base))
+        check_target(target, ckpt, cfg.force, under)
     if cfg.family is not None and cfg.family not in FAMILIES:
         raise ConfigError(f"--family {cfg.family!r} is not a HF family lmforge writes; choose one of "
                           f"{sorted(FAMILIES)}")

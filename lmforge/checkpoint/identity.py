@@ -48,8 +48,12 @@ def _peft_base(ckpt: Path) -> dict:
         return {}
     try:  # (the one reader of base_model_name_or_path: a moved `lmforge export --adapter` directory's own base/)
         where = peft_base(ckpt)
-    except CheckpointError:  # (no local base: a hub name, nothing downloaded)
-        return {}
+    except CheckpointError as e:
+        if isinstance(e.__cause__, (OSError, ValueError)):  # adapter_config.json unreadable: not "no local base"
+            # (taken for a hub base, the identity was the adapters' alone, and the load failed later, elsewhere)
+            raise CheckpointError(f"{e}; the adapter's identity covers the base it names there: repair the file, or "
+                                  "write the adapter again (PEFT save_pretrained, lmforge export --adapter)") from None
+        return {}  # (no local base: a hub name, nothing downloaded)
     return checkpoint_identity(where)
 
 

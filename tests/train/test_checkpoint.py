@@ -382,3 +382,23 @@ def test_a_sharded_runs_checkpoint_keeps_the_models_eos_and_bos_ids(tmp_path):
     for name, saved in (("single", model), ("sharded", Gathered(model, dict(model.state_dict())))):
         loaded, _ = ckpt.load_model(ckpt.save_checkpoint(tmp_path / name, 1, saved), tokenizer=False)
         assert (loaded.eos_token_ids, loaded.bos_token_id) == ((5, 6), 7), name
+
+
+@pytest.mark.parametrize("text", ['{"peft_type": "LORA", ', ""])
+def test_a_peft_directory_with_a_malformed_adapter_config_is_refused_at_its_identity(tmp_path, text):
+    """checkpoint_identity of a PEFT directory whose adapter_config.json is not JSON took the unreadable file for
+    a base it could not reach (a hub name) and gave the adapters' checksum alone, as though they had no base; a
+    reference or teacher recorded by it failed only later, at load. Refused at once, naming the file."""
+    from safetensors.torch import save_file
+
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(text)
+    save_file({"lora_A": torch.zeros(2, 4)}, str(peft / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"^cannot read {peft / 'adapter_config.json'}: .*; the adapter's "
+                                              "identity covers the base it names there: repair the file") as e:
+        ckpt.checkpoint_identity(peft)
+    assert "\n" not in str(e.value)
+    (peft / "adapter_config.json").write_text('{"peft_type": "LORA", "lora_alpha": 8, "r": 2, '
+                                              '"base_model_name_or_path": "org/a-hub-model"}')
+    assert ckpt.checkpoint_identity(peft)["path"] == str(peft.resolve())  # a hub base: the adapters' identity

@@ -2,9 +2,9 @@
 
     lmforge scaling sweep [--budgets 3e10 1e11 3e11 --depths 1 2 3 4 --out runs/scaling_sweep]
     lmforge scaling fit   [--table runs/scaling_sweep/runs.csv --predict 1e12 1e13]
-    lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, and the exact count for a
-                                                         from_depth model; --model PRESET, run.toml, a
-                                                         checkpoint or a HF model directory for others)
+    lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, and the exact count for the
+                                                         sweep's model of that depth (--width); --model PRESET,
+                                                         run.toml, a checkpoint or a HF model directory for others)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from lmforge.cli.common import parse_config, run_group
 from lmforge.config import check
 from lmforge.errors import ConfigError
+from lmforge.scaling.flops import DEPTH_WIDTH, depth_model
 
 
 def _sweep(argv: list[str]) -> int:
@@ -56,11 +57,14 @@ def _fit(argv: list[str]) -> int:
 @dataclass(frozen=True, kw_only=True)
 class FlopsArgs:
     depth: int = 12
-    """a from_depth(depth) model (with --vocab-size, max_seq_len 1024), unless --model is given"""
+    """the depth dial's model the sweep trains (lmforge.scaling.flops.depth_model: d_model = width·depth), with
+    --vocab-size (the sweep's is 257) and max_seq_len 1024, unless --model is given"""
+    width: int = DEPTH_WIDTH
+    """channels per layer of --depth, as `lmforge scaling sweep --width` (nanochat's from_depth: 64)"""
     model: str = ""
     """a ModelConfig preset name (llama-small, gpt2-small, ...), an lmforge checkpoint or run directory, a HF model
     directory, or a TOML/JSON file: a run config's [model] section, a run directory's config.json, a checkpoint's or
-    a HF model's config.json or a model's keys at top level; replaces --depth and --vocab-size"""
+    a HF model's config.json or a model's keys at top level; replaces --depth, --width and --vocab-size"""
     tokens: float = 1e9
     """training tokens D"""
     seq_len: int = 0
@@ -73,6 +77,7 @@ class FlopsArgs:
         # checked before the count: a negative context was counted as it stood, NaN tokens printed "nan FLOPs"
         check(math.isfinite(self.tokens) and self.tokens > 0, f"--tokens must be a positive number, got {self.tokens}")
         check(self.seq_len >= 0, f"--seq-len must be >= 0 (0 = the model's or run's own), got {self.seq_len}")
+        check(self.width >= 2 and self.width % 2 == 0, f"--width must be even and >= 2, got {self.width}")
 
 
 def _flops_model(a: FlopsArgs):
@@ -83,7 +88,7 @@ def _flops_model(a: FlopsArgs):
     from lmforge.model.config import PRESETS, ModelConfig
 
     if not a.model:
-        cfg = ModelConfig.from_depth(a.depth, vocab_size=a.vocab_size, max_seq_len=a.seq_len or 1024)
+        cfg = depth_model(a.depth, width=a.width, vocab_size=a.vocab_size, max_seq_len=a.seq_len or 1024)
         return cfg, a.seq_len or cfg.max_seq_len
     if a.model in PRESETS:
         cfg = ModelConfig.preset(a.model)

@@ -73,6 +73,21 @@ def num_params(cfg, exclude_embeddings: bool = False) -> int:
     return build_meta_model(cfg).num_params(exclude_embeddings=exclude_embeddings)
 
 
+DEPTH_WIDTH = 16
+"""channels per layer of depth of `depth_model`, the default of `lmforge scaling sweep --width` and of `lmforge
+scaling flops --width` (one aspect ratio for both): 16 gives finer steps in N for CPU-sized grids than nanochat's
+64, ModelConfig.from_depth's (--width 64: the same FLOPs; N differs by the QK-norm gains of its 128-wide heads)"""
+
+
+def depth_model(depth: int, *, width: int = DEPTH_WIDTH, vocab_size: int, max_seq_len: int):
+    """The depth dial's model of the scaling sweeps: ModelConfig.from_depth(depth) with d_model = width·depth,
+    `depth` heads of `width` and d_ff = 4·d_model."""
+    from lmforge.model.config import ModelConfig
+
+    return ModelConfig.from_depth(depth, vocab_size=vocab_size, max_seq_len=max_seq_len, d_model=width * depth,
+                                  head_dim=width, d_ff=4 * width * depth)
+
+
 def tokens_for_budget(flops: float, n_params: float) -> float:
     """D = C / (6 N): the tokens a FLOP budget buys a model of N parameters under 6ND."""
     return flops / (6.0 * n_params)

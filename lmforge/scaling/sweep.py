@@ -23,7 +23,7 @@ import numpy as np
 
 from lmforge.config import check
 from lmforge.errors import ConfigError, DataError, TrainingDiverged
-from lmforge.scaling.flops import flops_per_token, num_params
+from lmforge.scaling.flops import DEPTH_WIDTH, depth_model, flops_per_token, num_params
 from lmforge.scaling.table import read_json
 from lmforge.utils import check_output_path, write_json_atomic
 
@@ -34,9 +34,9 @@ class SweepConfig:
     """training FLOP budgets C (6ND convention, N = all parameters, embeddings included)"""
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     """model depths to train at every budget (ModelConfig.from_depth: n_layers = depth)"""
-    width: int = 16
-    """width per layer of depth: d_model = width·depth, heads of `width` (nanochat's dial uses 64; 16 gives
-    finer steps in N for CPU-sized grids)"""
+    width: int = DEPTH_WIDTH
+    """width per layer of depth: d_model = width·depth, heads of `width` (flops.depth_model; nanochat's dial uses 64,
+    16 gives finer steps in N for CPU-sized grids; `lmforge scaling flops --depth` counts the same models)"""
     seq_len: int = 64
     """tokens (bytes) per training row, also the models' max_seq_len"""
     batch_size: int = 16
@@ -100,11 +100,7 @@ result.json records them, and a finished run is reused only when they and its ro
 
 
 def _model_cfg(cfg: SweepConfig, depth: int):
-    from lmforge.model.config import ModelConfig
-
-    w = cfg.width
-    return ModelConfig.from_depth(depth, vocab_size=257, max_seq_len=cfg.seq_len, d_model=w * depth, head_dim=w,
-                                  d_ff=4 * w * depth)
+    return depth_model(depth, width=cfg.width, vocab_size=257, max_seq_len=cfg.seq_len)
 
 
 def plan(cfg: SweepConfig) -> list[dict]:

@@ -489,3 +489,20 @@ def test_a_sweep_text_too_short_is_refused_with_the_sweeps_flags(tmp_path):
                                         r"180 bytes, or a shorter --seq-len$"):
         main_sweep(cfg)
     assert not (tmp_path / "sw" / "C2e+08_d1").exists()
+
+
+def test_flops_of_a_depth_count_the_model_the_sweep_trains_at_that_depth(capsys):
+    """`scaling flops --depth` built from_depth's model, 64 channels per layer of depth, where the sweep's are
+    `--width`, 16 by default: the N it printed for a depth was not the sweep's. Both build flops.depth_model, with
+    one default width."""
+    from lmforge.cli import main
+    from lmforge.cli.scaling import FlopsArgs
+    from lmforge.scaling.sweep import SweepConfig, grid
+
+    assert FlopsArgs().width == SweepConfig().width
+    for width in ([], ["--width", "8"]):
+        sweep = SweepConfig(depths=(3,), seq_len=64, **({"width": 8} if width else {}))
+        assert main(["scaling", "flops", "--depth", "3", "--vocab-size", "257", "--seq-len", "64", *width]) == 0
+        assert f"N = {grid(sweep)[0]['N']:,} " in capsys.readouterr().out
+    assert main(["scaling", "flops", "--width", "3"]) == 2
+    assert "--width must be even and >= 2, got 3" in capsys.readouterr().err

@@ -2,9 +2,10 @@
 
     lmforge scaling sweep [--budgets 3e10 1e11 3e11 --depths 1 2 3 4 --out runs/scaling_sweep]
     lmforge scaling fit   [--table runs/scaling_sweep/runs.csv --predict 1e12 1e13]
-    lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, and the exact count for the
-                                                         sweep's model of that depth (--width); --model PRESET,
-                                                         run.toml, a checkpoint or a HF model directory for others)
+    lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, the active ones for an MoE,
+                                                         and the exact count for the sweep's model of that depth
+                                                         (--width); --model PRESET, run.toml, a checkpoint or a
+                                                         HF model directory for others)
 """
 
 from __future__ import annotations
@@ -151,15 +152,18 @@ def _model_record(path: Path):
 
 
 def _flops(argv: list[str]) -> int:
-    from lmforge.scaling.flops import flops_6nd, flops_per_token, num_params
+    from lmforge.scaling.flops import active_params, flops_6nd, flops_per_token, num_params
 
     a = parse_config(FlopsArgs, argv, prog="lmforge scaling flops", description="FLOPs of a model.",
                      config_file=False)
     cfg, seq_len = _flops_model(a)
-    n = num_params(cfg)
+    n, active = num_params(cfg), active_params(cfg)
     print(f"N = {n:,} ({num_params(cfg, exclude_embeddings=True):,} without embeddings)")
+    if active != n:  # an MoE: 6ND counts the parameters a token runs (lmforge.scaling.flops, module docstring)
+        print(f"N active = {active:,} per token (top_k of each MoE layer's routed experts)")
     print(f"D = {a.tokens:.4g} training tokens (--tokens)")  # the FLOPs below are for D, not the run's own tokens
-    print(f"6ND         = {flops_6nd(n, a.tokens):.4g} FLOPs (N = all {n:,} parameters)")
+    what = f"all {n:,} parameters" if active == n else f"the {active:,} active parameters, not all {n:,}"
+    print(f"6ND         = {flops_6nd(active, a.tokens):.4g} FLOPs (N = {what})")
     print(f"exact count = {flops_per_token(cfg, seq_len) * a.tokens:.4g} FLOPs (seq_len {seq_len})")
     return 0
 
@@ -167,7 +171,7 @@ def _flops(argv: list[str]) -> int:
 COMMANDS = {
     "sweep": (_sweep, "train a grid of models over FLOP budgets and record final losses"),
     "fit": (_fit, "fit scaling laws to a run table; predict compute-optimal N, D; plots"),
-    "flops": (_flops, "6ND (N = all parameters) and the exact FLOP count of a model"),
+    "flops": (_flops, "6ND (N = all parameters; an MoE's active ones) and the exact FLOP count of a model"),
 }
 
 

@@ -5,6 +5,10 @@ Two conventions:
     that backward, with D the training tokens and N the parameter count. Kaplan et al. count non-embedding
     parameters; lmforge's sweep and `lmforge scaling flops` use the total count, `num_params(cfg)`
     (embeddings included: 7-72% of it at a CPU sweep's sizes); `flops_6nd` takes whichever N it is given.
+    The N of 6ND is the parameters a token's forward multiplies by (Kaplan's C_forward = 2N): for a mixture of
+    experts that is the active count, `active_params` (each token runs top_k of an MoE layer's E routed experts),
+    as routed-model scaling laws count compute (Clark et al. 2022) and DeepSeek-V2/V3 report "activated"
+    parameters; the total would overstate the compute by up to E / top_k in the expert layers.
   * The exact per-architecture count: 2 FLOPs per multiply-add of every matrix (attention projections,
     MLP, output head) plus the attention scores and their weighted sum, 2 * 2 * H * hd * T per token per
     layer at context T (Chinchilla appendix F's "KQ logits" and "softmax @ query reduction", PaLM appendix B's
@@ -71,6 +75,18 @@ def flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
 
 def num_params(cfg, exclude_embeddings: bool = False) -> int:
     return build_meta_model(cfg).num_params(exclude_embeddings=exclude_embeddings)
+
+
+def active_params(cfg) -> int:
+    """Parameters one token passes through: num_params less, in every MoE layer, the E - top_k routed experts it
+    does not run (an expert's weights and biases: its experts module's parameters / E). num_params for a dense
+    model. The N of 6ND for an MoE (module docstring)."""
+    from lmforge.model.layers.moe import MoE
+    from lmforge.model.transformer import parameter_count
+
+    model = build_meta_model(cfg)
+    skipped = sum((m.E - m.k) * (parameter_count(m.experts) // m.E) for m in model.modules() if isinstance(m, MoE))
+    return model.num_params() - skipped
 
 
 DEPTH_WIDTH = 16

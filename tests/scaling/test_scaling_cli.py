@@ -491,6 +491,27 @@ def test_a_sweep_text_too_short_is_refused_with_the_sweeps_flags(tmp_path):
     assert not (tmp_path / "sw" / "C2e+08_d1").exists()
 
 
+def test_flops_of_an_moe_count_6nd_with_its_active_parameters(capsys):
+    """`lmforge scaling flops --model mixtral-tiny` put all 29.8M parameters into 6ND, though a token runs 2 of
+    each layer's 8 experts: 2.3x the exact count. N active (the parameters a token's forward multiplies by, as
+    routed-model scaling laws count compute) is printed, and is the N of 6ND, said so."""
+    from lmforge.cli import main
+    from lmforge.model.config import ModelConfig
+    from lmforge.scaling.flops import active_params, num_params
+
+    skipped = 4 * (8 - 2) * 3 * 256 * 512  # 4 MoE layers x 6 experts not run x (gate, up, down) of 256 x 512
+    assert active_params(ModelConfig.preset("mixtral-tiny")) == 29_763_840 - skipped == 20_326_656
+    assert active_params(ModelConfig.preset("llama-tiny")) == num_params(ModelConfig.preset("llama-tiny"))
+    assert main(["scaling", "flops", "--model", "mixtral-tiny", "--tokens", "1e9"]) == 0
+    out = capsys.readouterr().out
+    assert "N = 29,763,840 " in out and "N active = 20,326,656 per token" in out
+    assert (f"6ND         = {6 * 20_326_656 * 1e9:.4g} FLOPs (N = the 20,326,656 active parameters, not all "
+            "29,763,840)") in out
+    assert main(["scaling", "flops", "--model", "llama-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "N active" not in out and "(N = all 19,335,424 parameters)" in out
+
+
 def test_flops_of_a_depth_count_the_model_the_sweep_trains_at_that_depth(capsys):
     """`scaling flops --depth` built from_depth's model, 64 channels per layer of depth, where the sweep's are
     `--width`, 16 by default: the N it printed for a depth was not the sweep's. Both build flops.depth_model, with

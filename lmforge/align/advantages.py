@@ -90,12 +90,15 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
         raise ConfigError(f"masked_whiten needs at least 2 masked entries for a variance, the mask selects {n}; "
                           "whiten over a larger batch")
     x = torch.where(m, x, 0.0)  # entries outside the mask are ignored, even NaN or inf ones
-    if bool((x[m] == x[m][0]).all()):  # no spread: 0 exactly (fp32's mean of equal values can miss them by an
-        return x if not shift_mean else torch.zeros_like(x)  # ulp, which / sqrt(ulp^2 + 1e-8) made 1.2e-3 of 0.7s)
     mean = x.sum() / n
     var = torch.where(m, (x - mean) ** 2, 0.0).sum() / (n - 1)  # Bessel's correction, as TRL's masked_var
     out = (x - mean) * torch.rsqrt(var + eps)
-    return torch.where(m, out + mean if not shift_mean else out, 0.0)
+    out = torch.where(m, out + mean if not shift_mean else out, 0.0)
+    # no spread: 0 exactly (fp32's mean of equal values can miss them by an ulp, which / sqrt(ulp^2 + 1e-8) made
+    # 1.2e-3 of 0.7s). Chosen on the device: a Python branch on the masked entries (x[m], bool()) was two host syncs
+    # per call; the count above stays one, as the refusal of fewer than 2 entries needs it on the host.
+    flat = torch.where(m, x, float("-inf")).amax() == torch.where(m, x, float("inf")).amin()  # (NaN: never flat)
+    return torch.where(flat, x if not shift_mean else torch.zeros_like(x), out)
 
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -610,3 +610,45 @@ def test_separate_heads_freeze_the_lm_head_they_never_read():
         tied = Transformer(dataclasses.replace(tiny_model(0).cfg, tie_embeddings=True))
         assert wrap(tied).backbone.lm_head.weight.requires_grad  # it is the embedding
     assert PolicyWithValue(tiny_model(0)).backbone.lm_head.weight.requires_grad
+
+
+def _branching_whiten(x, mask, shift_mean=True, eps=1e-8):
+    """masked_whiten as it was before 2026-12-07: the same arithmetic, the no-spread case a Python branch."""
+    m = mask.bool()
+    n = int(m.sum())
+    x = torch.where(m, x, 0.0)
+    if bool((x[m] == x[m][0]).all()):
+        return x if not shift_mean else torch.zeros_like(x)
+    mean = x.sum() / n
+    var = torch.where(m, (x - mean) ** 2, 0.0).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return torch.where(m, out + mean if not shift_mean else out, 0.0)
+
+
+def test_masked_whiten_decides_on_the_device_with_one_host_sync_and_the_same_values():
+    """masked_whiten branched in Python on its masked entries (x[m] == x[m][0], bool()): two host syncs per call
+    beside the count of masked entries its refusal needs. The no-spread case is a torch.where now; every value is
+    the branching form's, bit for bit (NaN where it had NaN)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    _, values, mask = _rollout(B=4, T=7, seed=5, prompt=True)
+    with Ops() as seen:
+        masked_whiten(values, mask)
+    assert seen.ops.count("_local_scalar_dense.default") == 1 and "index.Tensor" not in seen.ops, seen.ops
+    equal = torch.where(mask, torch.full_like(values, 0.7), values).float()  # fp32's mean of 0.7s misses 0.7
+    cases = [values, values.float(), equal, torch.where(mask, values, float("nan")),  # NaN outside: ignored
+             torch.where(mask, torch.inf, values), values.masked_fill(mask & (values > 1), float("nan"))]
+    for x in cases:
+        for shift_mean in (True, False):
+            torch.testing.assert_close(masked_whiten(x, mask, shift_mean=shift_mean),
+                                       _branching_whiten(x, mask, shift_mean), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(masked_whiten(equal, mask), torch.zeros_like(equal))

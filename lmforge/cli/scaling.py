@@ -3,9 +3,9 @@
     lmforge scaling sweep [--budgets 3e10 1e11 3e11 --depths 1 2 3 4 --out runs/scaling_sweep]
     lmforge scaling fit   [--table runs/scaling_sweep/runs.csv --predict 1e12 1e13]
     lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, the active ones for an MoE,
-                                                         and the exact count for the sweep's model of that depth
-                                                         (--width); --model PRESET, run.toml, a checkpoint or a
-                                                         HF model directory for others)
+                                                         and the exact count for from_depth's model, or the
+                                                         sweep's with --width 16 --vocab-size 257; --model PRESET,
+                                                         run.toml, a checkpoint or a HF model directory for others)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from lmforge.cli.common import parse_config, run_group
 from lmforge.config import check
 from lmforge.errors import ConfigError
-from lmforge.scaling.flops import DEPTH_WIDTH, depth_model
+from lmforge.scaling.flops import depth_model
 
 
 def _sweep(argv: list[str]) -> int:
@@ -58,10 +58,12 @@ def _fit(argv: list[str]) -> int:
 @dataclass(frozen=True, kw_only=True)
 class FlopsArgs:
     depth: int = 12
-    """the depth dial's model the sweep trains (lmforge.scaling.flops.depth_model: d_model = width·depth), with
-    --vocab-size (the sweep's is 257) and max_seq_len 1024, unless --model is given"""
-    width: int = DEPTH_WIDTH
-    """channels per layer of --depth, as `lmforge scaling sweep --width` (nanochat's from_depth: 64)"""
+    """ModelConfig.from_depth(depth) (nanochat's dial: 64 channels per layer of depth, 128-wide heads), with
+    --vocab-size and max_seq_len 1024, unless --model is given"""
+    width: int = 0
+    """channels per layer of --depth for the scaling sweep's models instead (flops.depth_model: d_model =
+    width·depth, heads of width): `--width 16 --vocab-size 257` counts `lmforge scaling sweep`'s model of that
+    depth; 0 = from_depth's"""
     model: str = ""
     """a ModelConfig preset name (llama-small, gpt2-small, ...), an lmforge checkpoint or run directory, a HF model
     directory, or a TOML/JSON file: a run config's [model] section, a run directory's config.json, a checkpoint's or
@@ -78,7 +80,8 @@ class FlopsArgs:
         # checked before the count: a negative context was counted as it stood, NaN tokens printed "nan FLOPs"
         check(math.isfinite(self.tokens) and self.tokens > 0, f"--tokens must be a positive number, got {self.tokens}")
         check(self.seq_len >= 0, f"--seq-len must be >= 0 (0 = the model's or run's own), got {self.seq_len}")
-        check(self.width >= 2 and self.width % 2 == 0, f"--width must be even and >= 2, got {self.width}")
+        check(self.width == 0 or (self.width >= 2 and self.width % 2 == 0),
+              f"--width must be even and >= 2 (or 0: from_depth's model), got {self.width}")
 
 
 def _flops_model(a: FlopsArgs):
@@ -89,7 +92,10 @@ def _flops_model(a: FlopsArgs):
     from lmforge.model.config import PRESETS, ModelConfig
 
     if not a.model:
-        cfg = depth_model(a.depth, width=a.width, vocab_size=a.vocab_size, max_seq_len=a.seq_len or 1024)
+        if a.width:
+            cfg = depth_model(a.depth, width=a.width, vocab_size=a.vocab_size, max_seq_len=a.seq_len or 1024)
+        else:
+            cfg = ModelConfig.from_depth(a.depth, vocab_size=a.vocab_size, max_seq_len=a.seq_len or 1024)
         return cfg, a.seq_len or cfg.max_seq_len
     if a.model in PRESETS:
         cfg = ModelConfig.preset(a.model)

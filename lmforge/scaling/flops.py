@@ -90,9 +90,9 @@ def active_params(cfg) -> int:
 
 
 DEPTH_WIDTH = 16
-"""channels per layer of depth of `depth_model`, the default of `lmforge scaling sweep --width` and of `lmforge
-scaling flops --width` (one aspect ratio for both): 16 gives finer steps in N for CPU-sized grids than nanochat's
-64, ModelConfig.from_depth's (--width 64: the same FLOPs; N differs by the QK-norm gains of its 128-wide heads)"""
+"""channels per layer of depth of `depth_model`, the default of `lmforge scaling sweep --width` (`lmforge scaling
+flops --width 16` counts the same models): 16 gives finer steps in N for CPU-sized grids than nanochat's 64,
+ModelConfig.from_depth's (N differs from it at 64 by the QK-norm gains of its 128-wide heads)"""
 
 
 def depth_model(depth: int, *, width: int = DEPTH_WIDTH, vocab_size: int, max_seq_len: int):

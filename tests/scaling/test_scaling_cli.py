@@ -512,18 +512,21 @@ def test_flops_of_an_moe_count_6nd_with_its_active_parameters(capsys):
     assert "N active" not in out and "(N = all 19,335,424 parameters)" in out
 
 
-def test_flops_of_a_depth_count_the_model_the_sweep_trains_at_that_depth(capsys):
-    """`scaling flops --depth` built from_depth's model, 64 channels per layer of depth, where the sweep's are
-    `--width`, 16 by default: the N it printed for a depth was not the sweep's. Both build flops.depth_model, with
-    one default width."""
+def test_flops_of_a_depth_count_from_depth_or_with_width_the_model_the_sweep_trains(capsys):
+    """`scaling flops --depth` builds from_depth's model (64 channels per layer of depth) and had no way to count the
+    sweep's models (`--width`, 16 by default): with --width it builds flops.depth_model, the sweep's one builder."""
     from lmforge.cli import main
-    from lmforge.cli.scaling import FlopsArgs
+    from lmforge.model.config import ModelConfig
+    from lmforge.scaling.flops import num_params
     from lmforge.scaling.sweep import SweepConfig, grid
 
-    assert FlopsArgs().width == SweepConfig().width
-    for width in ([], ["--width", "8"]):
-        sweep = SweepConfig(depths=(3,), seq_len=64, **({"width": 8} if width else {}))
-        assert main(["scaling", "flops", "--depth", "3", "--vocab-size", "257", "--seq-len", "64", *width]) == 0
+    assert main(["scaling", "flops", "--depth", "3", "--vocab-size", "257", "--seq-len", "64"]) == 0
+    n = num_params(ModelConfig.from_depth(3, vocab_size=257, max_seq_len=64))
+    assert f"N = {n:,} " in capsys.readouterr().out
+    for width in (SweepConfig().width, 8):
+        sweep = SweepConfig(depths=(3,), seq_len=64, width=width)
+        assert main(["scaling", "flops", "--depth", "3", "--vocab-size", "257", "--seq-len", "64",
+                     "--width", str(width)]) == 0
         assert f"N = {grid(sweep)[0]['N']:,} " in capsys.readouterr().out
     assert main(["scaling", "flops", "--width", "3"]) == 2
-    assert "--width must be even and >= 2, got 3" in capsys.readouterr().err
+    assert "--width must be even and >= 2 (or 0: from_depth's model), got 3" in capsys.readouterr().err

@@ -251,8 +251,14 @@ def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, ob
         return f"configs: {source}"
 
     def reloaded(llm: LLM) -> str:
-        same = llm.engine.runner.kernel_step.step.configs == tuned.get("configs")
-        return f"loaded set {'equal to' if same else 'DIFFERENT from'} the first row's"
+        # (a later row - the persistent layer's - may have tuned and saved shapes of its own since: compared are
+        # the first row's shapes)
+        first_set = tuned.get("configs")
+        table = llm.engine.runner.kernel_step.step.configs.table
+        same = first_set is not None and all(table.get(k) == v for k, v in first_set.table.items())
+        more = len(set(table) - set(first_set.table)) if first_set is not None else 0
+        return (f"loaded set {'equal to' if same else 'DIFFERENT from'} the first row's on its shapes"
+                + (f" (+{more} tuned since)" if more else ""))
 
     def option(**off):
         def setup(llm: LLM) -> str:

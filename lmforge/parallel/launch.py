@@ -140,6 +140,25 @@ SIGNAL_ECHO_S = 0.25
 inside their step without a checkpoint (a person's second Ctrl-C comes later)"""
 
 
+class SignalEcho:
+    """Tells one stop signal delivered twice from a second one (SIGNAL_ECHO_S): for the launcher, and for each process
+    that trains, which a scheduler signalling every process of a job (SLURM's `scancel`, `kill -TERM` to a group)
+    reaches directly and also through the launcher and torchrun."""
+
+    def __init__(self):
+        self._sig: int | None = None
+        self._at = -float("inf")
+
+    def repeat(self, signum: int) -> bool:
+        """Whether `signum` is the signal before delivered again (the same one within SIGNAL_ECHO_S of it); if not,
+        it becomes the signal before."""
+        now = time.monotonic()
+        if signum == self._sig and now - self._at < SIGNAL_ECHO_S:
+            return True
+        self._sig, self._at = signum, now
+        return False
+
+
 LAUNCHER_PID_ENV = "LMFORGE_LAUNCHER_PID"
 """names, to torchrun's process of an `--nproc` launch, the launcher it must not outlive (end_with_launcher)"""
 
@@ -221,15 +240,12 @@ def run_passing_signals(argv: list[str]) -> int:
     import subprocess
 
     passed: list[int] = []
-    last_at, last_sig = -float("inf"), None
+    echo = SignalEcho()
     proc = None
 
     def pass_on(signum, frame) -> None:
-        nonlocal last_at, last_sig
-        now = time.monotonic()
-        if signum == last_sig and now - last_at < SIGNAL_ECHO_S:  # the signal before, delivered twice
+        if echo.repeat(signum):  # the signal before, delivered twice
             return
-        last_at, last_sig = now, signum
         passed.append(signum)
         if proc is not None and proc.poll() is None:
             workers = child_pids(proc.pid)

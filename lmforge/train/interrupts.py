@@ -5,8 +5,10 @@ loop stops at the next step boundary, writes a checkpoint of that state and rais
 bit-exact. On N processes the ranks all-reduce their flags at every step boundary (one tiny CPU
 all-reduce), so a signal reaching any one rank stops all of them at the same step, with one checkpoint.
 A second signal stops at once (one while the interrupt's checkpoint is written leaves the previous one, and
-says which that is). A hook's Trainer.request_stop travels in the same all-reduce and ends
-`fit` as a last step would.
+says which that is); the same signal within SIGNAL_ECHO_S of the one before is that one delivered by a second route
+(a scheduler that signals every process of a job reaches an `--nproc` run's processes directly and through the
+launcher), not a second (lmforge.parallel.launch.SignalEcho). A hook's Trainer.request_stop travels in the same
+all-reduce and ends `fit` as a last step would.
 
 A KeyboardInterrupt raised inside a step (a second Ctrl-C, or one raised by code) lands in one of the
 step's phases, which this object tracks:
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 from lmforge import checkpoint as ckpt
 from lmforge.errors import ConfigError
 from lmforge.model.layers.moe import MoE
+from lmforge.parallel.launch import SignalEcho, handling_stop_signals
 from lmforge.parallel.reports import report_once
 from lmforge.train import distributed as ddp
 
@@ -72,6 +75,7 @@ class Interrupts:
         self.signal: int | None = None  # the first SIGINT/SIGTERM received
         self.reason: str | None = None  # why a hook asked to stop (Trainer.request_stop)
         self.agreed = False  # the KeyboardInterrupt is the stop all ranks agreed on at a step boundary
+        self._echo = SignalEcho()
         self._step_hooks = hasattr(optimizer, "register_step_pre_hook")
         if self._step_hooks:  # torch optimizers: know exactly when the weights start and stop changing
             optimizer.register_step_pre_hook(self._set_phase("update"))
@@ -91,7 +95,7 @@ class Interrupts:
                      else "start the run again with a new model and optimizer (no checkpoint was written)")
             raise ConfigError(f"step {trainer.step + 1} was interrupted inside its optimizer update, which left the "
                               f"weights half-updated, so this Trainer cannot go on; build a new Trainer to {where}")
-        self.signal, self.agreed, self.reason = None, False, None
+        self.signal, self.agreed, self.reason, self._echo = None, False, None, SignalEcho()
 
     # the step's phases ----------------------------------------------------------------------------
     def begin_step(self, data, objective) -> None:
@@ -127,6 +131,8 @@ class Interrupts:
 
     # signals and stop requests ----------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
+        if self._echo.repeat(signum):  # the first one again, by another route: one graceful stop
+            return
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
@@ -162,7 +168,7 @@ class Interrupts:
             return
         # deferred_signals has given each signal its handler back: Ctrl-C's raises KeyboardInterrupt, but SIGTERM's
         # (SIGHUP's, SIGQUIT's) ended the process without a word while the checkpoint was written; all four raise
-        with _stop_signals_to(_stop_at_once):
+        with _stop_signals_to(self._stop_at_once):
             consistent = self.to_boundary(trainer)
             row_owed = trainer._pending or (trainer._logged_stats is not None
                                             and trainer._logged_stats[0] == trainer.step)
@@ -188,6 +194,12 @@ class Interrupts:
             tqdm.write(f"interrupted at step {trainer.step}; checkpoint {trainer.last_checkpoint}; "
                        "run the same command again to resume")
 
+    def _stop_at_once(self, signum, frame) -> None:
+        """While the interrupt's checkpoint is written: a second signal stops the write; the first one's echo
+        (SignalEcho) does not."""
+        if not self._echo.repeat(signum):
+            raise KeyboardInterrupt
+
     @staticmethod
     def _say_resume_point(trainer: Trainer) -> None:
         """After a second signal stopped the interrupt's checkpoint mid-write: which checkpoint a run started again
@@ -208,10 +220,6 @@ def resume_point(run_dir) -> str:
             "run the same command again to resume from it")
 
 
-def _stop_at_once(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 @contextlib.contextmanager
 def _stop_signals_to(handler: Callable):
     """While the block runs, `handler` takes SIGINT, SIGTERM, SIGHUP and SIGQUIT (main thread only; elsewhere
@@ -220,7 +228,5 @@ def _stop_signals_to(handler: Callable):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    from lmforge.parallel.launch import handling_stop_signals
-
     with handling_stop_signals(handler, keep_ignored=True):
         yield

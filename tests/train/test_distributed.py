@@ -266,6 +266,64 @@ warmup_steps = 5
     np.testing.assert_allclose(_losses(read_metrics(tmp_path / "run")), ref, atol=ATOL, rtol=0)
 
 
+def test_a_sigterm_to_every_process_of_an_nproc_run_is_one_graceful_stop(tmp_path):
+    """SLURM's scancel signals every process of a job: an `--nproc 2` run's workers got the SIGTERM directly and
+    again from the launcher and torchrun, took the repeat as "stop at once", and left their step without a
+    checkpoint ("rank 0 stopped inside step 6; no checkpoint of this run is complete"). Now it is one stop at a step
+    boundary, checkpointed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lmforge.parallel.launch import child_pids
+
+    shard = make_shard(tmp_path / "t.bin")
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"""run_dir = "{tmp_path / 'run'}"
+max_steps = 100000
+eval_every = 100000
+ckpt_every = 100000
+device = "cpu"
+progress = false
+plot = false
+[model]
+vocab_size = 257
+d_model = 16
+n_layers = 1
+n_heads = 2
+max_seq_len = 32
+[data]
+train = ["{shard}"]
+seq_len = 32
+batch_size = 4
+""")
+    launcher = subprocess.Popen([sys.executable, "-m", "lmforge", "train", "--config", str(toml), "--nproc", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 3):  # (training, past step 1)
+            assert time.monotonic() < deadline and launcher.poll() is None, "the run never started training"
+            time.sleep(0.05)
+        tree, i = [launcher.pid], 0
+        while i < len(tree):
+            tree += child_pids(tree[i])
+            i += 1
+        assert len(tree) >= 4  # the launcher, torchrun, 2 workers
+        for pid in tree:  # as scancel does: every process, one after another
+            os.kill(pid, signal.SIGTERM)
+        out, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert "stopped inside step" not in out, out[-1000:]
+    saved = list((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(saved) == 1 and f"checkpoint {saved[0]}" in out, (out[-1000:], err[-1000:])
+    assert launcher.returncode == 130
+
+
 def _tiny_lm():
     import torch
 

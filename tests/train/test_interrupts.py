@@ -3,6 +3,7 @@ resumed run's losses equal the uninterrupted run's bit for bit (issue 16 §1).""
 
 import dataclasses
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from lmforge import checkpoint as ckpt
 from lmforge.errors import ConfigError
 from lmforge.optim.config import OptimConfig
+from lmforge.parallel import launch
+from lmforge.parallel.launch import SIGNAL_ECHO_S
 from lmforge.train.metrics import read_metrics
 from lmforge.train.trainer import Trainer, train
 
@@ -42,8 +45,8 @@ def _losses(result):
 
 
 class _Interrupt:
-    """At step K, `fire()` delivers `kind`: a real signal (SIGINT/SIGTERM, once or twice) or a
-    KeyboardInterrupt raised in place."""
+    """At step K, `fire()` delivers `kind`: a real signal (SIGINT/SIGTERM, once, "twice" as a person's second
+    Ctrl-C, "echoed" as one delivered by two routes at once) or a KeyboardInterrupt raised in place."""
 
     def __init__(self, tr, kind, after_step=K):
         self.tr, self.kind, self.after_step, self.done = tr, kind, after_step, False
@@ -54,9 +57,12 @@ class _Interrupt:
         self.done = True
         if self.kind == "raise":
             raise KeyboardInterrupt
-        sig = {"sigterm": signal.SIGTERM, "sighup": signal.SIGHUP, "sigquit": signal.SIGQUIT}.get(self.kind,
-                                                                                                signal.SIGINT)
-        for _ in range(2 if self.kind == "twice" else 1):
+        sig = {"sigterm": signal.SIGTERM, "echoed": signal.SIGTERM, "sighup": signal.SIGHUP,
+               "sigquit": signal.SIGQUIT}.get(self.kind, signal.SIGINT)
+        signal.raise_signal(sig)
+        if self.kind == "twice":
+            time.sleep(SIGNAL_ECHO_S + 0.05)  # (sooner, it is the first one delivered twice)
+        if self.kind in ("twice", "echoed"):
             signal.raise_signal(sig)
 
 
@@ -130,6 +136,18 @@ def test_sigterm_is_ctrl_c_and_a_second_signal_stops_at_once(setup, tmp_path, ki
     # SIGTERM waits for the step to end; a second SIGINT interrupts the forward: rolled back to step K
     want = K + 1 if kind == "sigterm" else K
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [f"step_{want:06d}"]
+    assert _losses(train(cfg)) == full
+
+
+def test_one_signal_delivered_by_two_routes_is_one_graceful_stop(setup, tmp_path, monkeypatch):
+    """SLURM's scancel (`kill -TERM` to a group) signals every process of an `--nproc` run, which the launcher and
+    torchrun pass on again: each rank took the second SIGTERM as "stop at once" and left its step without a
+    checkpoint ("rank 0 stopped inside step 6; no checkpoint of this run is complete"). Within SIGNAL_ECHO_S it is
+    the first one again: the step ends and is checkpointed, as for one SIGTERM."""
+    monkeypatch.setattr(launch, "SIGNAL_ECHO_S", 5.0)  # (a busy machine's delay is not a second signal)
+    shard, full = setup
+    cfg = _interrupted_run(shard, tmp_path / "run", "forward", "echoed")
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [f"step_{K + 1:06d}"]
     assert _losses(train(cfg)) == full
 
 
@@ -361,6 +379,7 @@ def test_a_second_signal_during_the_interrupts_checkpoint_names_the_resume_point
     def slow_write(tmp, step, *a):
         real(tmp, step, *a)
         if step == K + 1:  # the interrupt's checkpoint: written but not yet renamed into place
+            time.sleep(SIGNAL_ECHO_S + 0.05)  # (sooner, it is the first signal delivered twice)
             signal.raise_signal(sig)
 
     def unhandled(signum, frame):  # (stands for SIG_DFL: a failure here, not a killed test run)
@@ -379,6 +398,30 @@ def test_a_second_signal_during_the_interrupts_checkpoint_names_the_resume_point
     out = capsys.readouterr().out
     assert (f"stopped while writing the step {K + 1} checkpoint, which was not kept: the last complete checkpoint "
             f"is step 5 ({last}); run the same command again to resume from it") in out
+    monkeypatch.setattr(save, "_write", real)
+    assert _losses(train(cfg)) == full
+
+
+def test_the_first_signals_echo_during_the_interrupts_checkpoint_keeps_the_write(setup, tmp_path, monkeypatch):
+    """The echo of the first SIGTERM (SignalEcho) landing while its checkpoint is written is not a second signal:
+    the write completes and is kept."""
+    monkeypatch.setattr(launch, "SIGNAL_ECHO_S", 5.0)  # (a busy machine's delay is not a second signal)
+    shard, full = setup
+    cfg = tiny_config(shard, tmp_path / "run", max_steps=20, eval_every=10, ckpt_every=100)
+    tr = Trainer(cfg)
+    _arm(tr, "forward", _Interrupt(tr, "sigterm"))
+    from lmforge.checkpoint import save  # (where save_checkpoint calls _write)
+
+    real = save._write
+
+    def echoed_write(tmp, step, *a):
+        real(tmp, step, *a)
+        signal.raise_signal(signal.SIGTERM)  # (at once: within SIGNAL_ECHO_S of the first)
+
+    monkeypatch.setattr(save, "_write", echoed_write)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [f"step_{K + 1:06d}"]
     monkeypatch.setattr(save, "_write", real)
     assert _losses(train(cfg)) == full
 

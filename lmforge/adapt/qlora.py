@@ -173,25 +173,62 @@ def base_layer_record(model: nn.Module) -> dict[str, dict]:
     return out
 
 
+def check_base_layers(model: nn.Module) -> None:
+    """At a run's start: what every checkpoint will record of the model's registered base layers (base_layer_record:
+    their settings, refused in one line where config.json cannot hold them), checked now rather than at the first
+    save, maybe hours into training. Nothing to do (no meta-model build) for a model without such a layer."""
+    kinds = tuple(BASE_LAYERS.values())
+    if kinds and isinstance(model, nn.Module) and any(isinstance(m, kinds) for m in model.modules()):
+        base_layer_record(model)
+
+
 def _json_settings(name: str, layer: nn.Module) -> dict:
     """The layer's `settings` as config.json will hold them, refusing what would fail later with a bare TypeError: a
-    value JSON cannot hold (a torch.dtype: the checkpoint's write, maybe after hours of training) and a setting named
+    value JSON cannot hold (a torch.dtype: the checkpoint's write, maybe after hours of training), a dict key other
+    than a string (JSON writes {0: 64} as {"0": 64}, so load_model would pass back other settings) and a setting named
     dtype or device where the class's empty() takes that name (load_model passes the model's own there); a class
     built through from_linear alone may name a setting so."""
     settings = dict(getattr(layer, "settings", None) or {})
     empty = getattr(type(layer), "empty", None)
+    where = f"base layer {name}: {type(layer).__name__}.settings"
+    bad = _non_string_key(settings)
+    if bad is not None and bad in settings:
+        raise ConfigError(f"{where} has the name {bad!r}: load_model passes the settings back as keyword arguments; "
+                          "name them by strings")
     for key, value in settings.items():
         if key in ("dtype", "device") and callable(empty) and _takes(empty, key):  # (load_model's own, to empty())
-            raise ConfigError(f"base layer {name}: {type(layer).__name__}.settings has {key!r}, a name load_model "
-                              f"passes to empty() itself (the model's {key}); rename the setting (e.g. 'q{key}')")
+            raise ConfigError(f"{where} has {key!r}, a name load_model passes to empty() itself (the model's {key}); "
+                              f"rename the setting (e.g. 'q{key}')")
         try:
             json.dumps(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"base layer {name}: {type(layer).__name__}.settings[{key!r}] is {value!r}, which "
-                              "config.json cannot hold (load_model passes the settings back to empty/from_linear); "
-                              "give settings JSON values: strings, numbers, bools, lists, dicts (a dtype by its "
-                              "name, e.g. 'int8')") from None
+            raise ConfigError(f"{where}[{key!r}] is {value!r}, which config.json cannot hold (load_model passes the "
+                              "settings back to empty/from_linear); give settings JSON values: strings, numbers, "
+                              "bools, lists, dicts (a dtype by its name, e.g. 'int8')") from None
+        bad = _non_string_key(value)
+        if bad is not None:
+            back = next(iter(json.loads(json.dumps({bad: 0}))))
+            raise ConfigError(f"{where}[{key!r}] has the key {bad!r}, which config.json gives back as the string "
+                              f"{back!r}, so load_model would pass other settings to empty/from_linear; key its "
+                              "dicts by strings")
     return settings
+
+
+def _non_string_key(value):
+    """The first dict key in `value` (a JSON value, at any depth) that is not a string, else None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return k
+            found = _non_string_key(v)
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            found = _non_string_key(v)
+            if found is not None:
+                return found
+    return None
 
 
 def warn_unregistered(record: dict[str, dict]) -> None:

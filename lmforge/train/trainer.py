@@ -166,6 +166,9 @@ class Trainer:
         self.extra_meta = dict(extra_meta or {})
         self.base = base
         check_optimizer_params(self.model, self.optimizer)
+        from lmforge.adapt.qlora import check_base_layers
+
+        check_base_layers(self.model)  # what its checkpoints record of quantized layers: refused now, not at a save
         for g in self.optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
             g.setdefault(GROUP_START, group_start(g))  # a resume tells the counters the run moves by it

@@ -207,6 +207,66 @@ def test_a_setting_json_cannot_hold_is_refused_at_save_naming_it(tmp_path, int8,
     assert not list((tmp_path / "q").rglob("model.safetensors"))
 
 
+def _trainer(model: nn.Module, run_dir):
+    """The one Trainer over `model` (LM loss, 4 steps, a checkpoint every 2)."""
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.harness import FixedBatches
+    from lmforge.train.loss import LMObjective
+    from lmforge.train.trainer import Trainer
+
+    ids = torch.randint(0, 41, (4, 9), generator=torch.Generator().manual_seed(1))
+    data = FixedBatches([{"input_ids": ids[:, :-1], "targets": ids[:, 1:]}] * 4)
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2), run_dir=str(run_dir), max_steps=4, log_every=1, eval_every=100,
+                     ckpt_every=2, device="cpu", dtype="fp32", progress=False, plot=False)
+    return Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg)
+
+
+def test_a_setting_a_checkpoint_cannot_record_is_refused_when_the_trainer_is_built(tmp_path, int8, monkeypatch):
+    """A quantized layer's setting config.json cannot hold was refused only at the first checkpoint's write, after
+    ckpt_every steps (maybe hours) of training: the Trainer refuses it when built, in the save's words."""
+    monkeypatch.setattr(int8, "settings", {"bits": 8, "store": torch.int8})
+    model = apply_lora(quantize(tiny_model(0)), LoRAConfig(r=2, alpha=4, targets=("wo",)))
+    with pytest.raises(ConfigError, match=r"^base layer blocks.0.attn.wq: RegisteredInt8.settings\['store'\] is "
+                                          r"torch.int8, which config.json cannot hold"):
+        _trainer(model, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_settings_dict_with_int_keys_is_refused_as_config_json_would_change_it(tmp_path, int8, monkeypatch):
+    """{0: 64} in a layer's settings was written as {"0": 64}, and load_model passed those other settings back
+    (str keys, found 2026-12-07): refused at the Trainer's start and at a save, naming the key and what JSON makes of
+    it; string keys, at any depth, come back exactly."""
+    monkeypatch.setattr(int8, "settings", {"bits": 8, "groups": [{"rows": {0: 64}}]})
+    want = ("base layer blocks.0.attn.wq: RegisteredInt8.settings['groups'] has the key 0, which config.json gives "
+            "back as the string '0', so load_model would pass other settings to empty/from_linear; key its dicts by "
+            "strings")
+    with pytest.raises(ConfigError) as e:
+        _trainer(quantize(tiny_model(0)), tmp_path / "run")
+    assert str(e.value) == want
+    with pytest.raises(ConfigError) as e:
+        ckpt.save_checkpoint(tmp_path / "q", 0, quantize(tiny_model(0)))
+    assert str(e.value) == want
+    monkeypatch.setattr(int8, "settings", {8: "bits"})  # (a setting's name: a keyword argument of from_linear)
+    with pytest.raises(ConfigError, match=r"^base layer blocks.0.attn.wq: RegisteredInt8.settings has the name 8: "
+                                          r"load_model passes the settings back as keyword arguments; name them by "
+                                          r"strings$"):
+        _trainer(quantize(tiny_model(0)), tmp_path / "run")
+    settings = {"bits": 8, "groups": [{"rows": {"0": 64}}]}
+
+    def from_linear(cls, linear, bits, groups):
+        layer = cls(linear)
+        layer.settings = {"bits": bits, "groups": groups}
+        return layer
+
+    monkeypatch.setattr(int8, "settings", settings)
+    monkeypatch.setattr(int8, "from_linear", classmethod(from_linear))
+    path = ckpt.save_checkpoint(tmp_path / "ok", 0, quantize(tiny_model(0)))
+    back = ckpt.load_model(path, tokenizer=False)[0]
+    assert back.blocks[0].attn.wq.settings == settings
+
+
 def test_a_quantized_checkpoint_loaded_into_a_float_model_names_load_model(tmp_path, int8):
     """load_weights of a quantized base checkpoint into a float model listed missing weights and unexpected codes
     and stopped there (found 2026-12-07): the error says the checkpoint holds quantized layers and names the fix."""

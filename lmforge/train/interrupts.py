@@ -162,9 +162,12 @@ class Interrupts:
         """After a KeyboardInterrupt left the loop: to the nearest step boundary, its pending log row,
         and a checkpoint of it where one is consistent (and not already written)."""
         if trainer.runner is not None and not self.agreed:
-            # this rank alone left a step (a second signal): the others wait inside its collectives, so no
-            # common state can be saved; under torchrun they fail in turn and torchrun ends them
-            tqdm.write(f"rank {trainer.rank} stopped inside step {trainer.step + 1}; {resume_point(trainer.run_dir)}")
+            # this rank left a step on its own (a second signal): the others wait inside its collectives, so no
+            # common state can be saved; under torchrun they fail in turn and torchrun ends them. Every rank a
+            # second signal reached says the same line: once (report_once; it named each rank, N lines)
+            say = f"stopped at once inside step {trainer.step + 1}; {resume_point(trainer.run_dir)}"
+            if report_once(say):  # (the N processes of one --nproc launch: once)
+                tqdm.write(say)
             return
         # deferred_signals has given each signal its handler back: Ctrl-C's raises KeyboardInterrupt, but SIGTERM's
         # (SIGHUP's, SIGQUIT's) ended the process without a word while the checkpoint was written; all four raise

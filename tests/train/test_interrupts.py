@@ -438,8 +438,28 @@ def test_a_rank_that_stops_at_once_before_any_checkpoint_says_the_run_starts_aga
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     trainer = types.SimpleNamespace(runner=object(), rank=1, step=24, last_checkpoint=None, run_dir=tmp_path / "run")
     Interrupts(opt).interrupted(trainer, None, 0.0)
-    assert capsys.readouterr().out == ("rank 1 stopped inside step 25; no checkpoint of this run is complete; running "
-                                       "the same command again starts it from step 0\n")
+    assert capsys.readouterr().out == ("stopped at once inside step 25; no checkpoint of this run is complete; "
+                                       "running the same command again starts it from step 0\n")
+
+
+def test_ranks_a_second_signal_stopped_inside_a_step_say_so_once(tmp_path, capsys):
+    """A second Ctrl-C to `lmforge train --nproc 2` reaches every rank inside a step: each printed "rank R stopped
+    inside step 3; ..." (N lines saying one thing). Said once for the launch (report_once)."""
+    import types
+
+    import torch
+
+    from lmforge.parallel.reports import shared_reports
+    from lmforge.train.interrupts import Interrupts
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with shared_reports():  # (what the launcher sets up for the processes it starts)
+        for rank in range(2):
+            trainer = types.SimpleNamespace(runner=object(), rank=rank, step=2, last_checkpoint=None,
+                                            run_dir=tmp_path / "run")
+            Interrupts(opt).interrupted(trainer, None, 0.0)
+    assert capsys.readouterr().out == ("stopped at once inside step 3; no checkpoint of this run is complete; "
+                                       "running the same command again starts it from step 0\n")
 
 
 def test_an_interrupt_in_the_first_step_says_the_run_starts_again(setup, tmp_path, capsys):

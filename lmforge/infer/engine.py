@@ -69,7 +69,8 @@ from collections.abc import Collection
 
 import torch
 
-from lmforge.errors import ConfigError, LmforgeError, RequestError, warn_caller
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.admission import STREAM_LEN, check_caps, check_length, check_prompt_logprobs_start, unfit_error
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder, continuation_context, special_ids
 from lmforge.infer.config import (EngineConfig, graph_prefill_tokens, kv_dtype, limits, pool_blocks, rope_allows,
@@ -86,10 +87,6 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 from lmforge.infer.speculative import attach_drafter, draft_step, pool_model, speculates
 from lmforge.utils import compute_dtype, eval_mode
-
-STREAM_LEN = 1 << 40
-"""a sequence's length bound under a KV policy with positions within the cache (its positions stay below the
-model's window however long it grows: max_tokens ends it)"""
 
 Prompt = str | list[int]
 
@@ -214,8 +211,8 @@ class Engine:
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     *, prompt_index: int | None = None) -> str:
         """Queue a prompt (text or token ids); returns its id. Bad input raises a one-line error and
-        leaves the engine as it was; prompt_index names the prompt in it (prompt i of a caller's batch; None:
-        the prompt's own errors say 'prompt 0', the request's name none)."""
+        leaves the engine as it was (the checks: lmforge.infer.admission); prompt_index names the prompt in it
+        (prompt i of a caller's batch; None: the prompt's own errors say 'prompt 0', the request's name none)."""
         self._sync_adapters()
         if prompt_index is not None:
             prompt_index = checked_prompt_index(prompt_index)
@@ -230,10 +227,10 @@ class Engine:
             raise LmforgeError(f"request id {rid!r} is already in use; pass another request_id")
         if self.has_state:
             check_state_request(params, self.config.max_num_seqs)
-        self._check_caps(params)
+        check_caps(self, params)
         ids = self.encode(prompt, params, prompt_index or 0)
         check_prompt_logprobs_start(ids, params, prompt_index)
-        params, length = self._check_length(ids, params, prompt_index)
+        params, length = check_length(self, ids, params, prompt_index)
         req = Request(rid, prompt if isinstance(prompt, str) else None, PromptIds(ids), params, next(self._arrivals),
                       kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer, self.eos_ids)),
                       arrival_time=time.perf_counter(), max_len=length)
@@ -257,73 +254,6 @@ class Engine:
         self.requests[rid] = req
         self.scheduler.add(req.seqs[0])
         return rid
-
-    def _check_caps(self, params: SamplingParams) -> None:
-        """Per-request bounds a server relies on: top log-probs cost every step of the batch (EngineConfig.
-        max_logprobs), and under strict_admission a request's samples (or beams) may not outnumber max_num_seqs
-        (they all join the running batch at the fork: n=5000 took 28.8 s of steps for 2 tokens)."""
-        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            raise LmforgeError(f"logit_bias has token id {max(params.logit_bias)} outside the model's vocabulary "
-                               f"[0, {self.vocab_size})")
-        width = max(params.n, params.beam_width)
-        if self.config.strict_admission and width > self.config.max_num_seqs:
-            name = "beam_width" if params.beam_width > 1 else "n"
-            raise LmforgeError(f"{name}={width} runs {width} sequences, more than EngineConfig.max_num_seqs="
-                               f"{self.config.max_num_seqs}; lower {name} or raise max_num_seqs")
-        cap = self.config.max_logprobs
-        for name in ("logprobs", "prompt_logprobs") if cap is not None else ():
-            k = getattr(params, name)
-            if k is not None and k > cap:
-                raise LmforgeError(f"{name}={k} is more than this engine lists (EngineConfig.max_logprobs={cap}); ask "
-                                   f"for at most {cap} or raise max_logprobs (None: no limit)")
-
-    def _check_length(self, ids: list[int], params: SamplingParams, index: int | None
-                      ) -> tuple[SamplingParams, int]:
-        """The request's params (max_tokens=None resolved to the room left in the window) and the length its
-        samples stop at; a request the window (EngineConfig.strict_admission) or the pool cannot serve raises."""
-        if params.max_tokens is None:  # up to the context window
-            if self.stream_len == STREAM_LEN:
-                raise LmforgeError("max_tokens=None asks for tokens up to the context window, but this engine's KV "
-                                   "policy keeps positions within the cache (no window ends it); give a number")
-            params = params.derived(max_tokens=self.stream_len - len(ids))
-        if params.max_tokens and len(ids) + params.max_tokens > self.stream_len:
-            past = (f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
-                    f"({self.max_seq_len})")
-            if self.config.strict_admission:
-                where = f"prompt {index}: " if index is not None else ""
-                raise LmforgeError(f"{where}{past}; ask for at most {self.stream_len - len(ids)} new tokens, or "
-                                   "max_tokens=None (up to the window)")
-            warn_caller(f"{past}; generation stops there (finish_reason 'length')")
-        length = min(len(ids) + params.max_tokens, self.stream_len)
-        if not self.config.chunked_prefill and length > self.config.max_num_batched_tokens:
-            raise LmforgeError(f"with chunked_prefill off a sequence is computed in one step (its prompt, and after a "
-                               f"preemption its output too): {length} tokens > max_num_batched_tokens="
-                               f"{self.config.max_num_batched_tokens}; raise it or turn chunked_prefill on")
-        bound = (self.kv_policy.policy.max_slots(len(ids), self.config.max_num_batched_tokens) if self.kv_policy
-                 else None)
-        if self.scheduler.max_positions is not None:  # positions within the cache: chunks end below the window
-            bound = min(bound, self.scheduler.max_positions)
-        # beams advance together; n samples take turns through preemption, unless a server wants them all at once
-        width = max(params.n, params.beam_width) if self.config.strict_admission else params.beam_width
-        def blocks(length: int, width: int) -> int:
-            return self.pool.request_blocks(len(ids), length, width, self.window,
-                                            self.config.max_num_batched_tokens + 1, bound,  # (+ a draft's lag)
-                                            policy=self.kv_policy is not None)
-
-        need = blocks(length, width)
-        if need > self.pool.num_blocks:
-            many = "" if width == 1 else f" in {width} beams" if params.beam_width > 1 else f" in {width} samples"
-            # lowering max_tokens helps only where the prompt and one new token fit (a KV policy's bound, H2O's,
-            # may count the prompt alone); n only where one sample fits
-            lower = [f for f, fits in (("max_tokens", blocks(min(length, len(ids) + 1), width)),
-                                       ("n", blocks(length, 1) if width > params.beam_width else None))
-                     if fits is not None and fits <= self.pool.num_blocks and (f == "n" or params.max_tokens)]
-            why = "it only scores, no new tokens to lower" if not params.max_tokens else "fewer new tokens do not fit"
-            raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{many} needs "
-                               f"{need} KV blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
-                               f"gpu_memory_utilization" + (f", or lower {' or '.join(lower)}" if lower else
-                                                            f" (or shorten the prompt: {why})"))
-        return params, length
 
     def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:
         """Tokenize and validate one prompt (lmforge.infer.request.encode_prompt)."""
@@ -478,7 +408,7 @@ class Engine:
         if self.draft_head is not None:  # new sequences on a prefix hit: their features resume there
             self.draft_head.resume_hits(batch)
         for seq, need in batch.failed:  # it holds the whole pool and still does not fit: it never will
-            seq.request.error = self._unfit_error(seq, need)
+            seq.request.error = unfit_error(self, seq, need)
             self._abort(seq.request)
             changed[seq.request.request_id] = seq.request
         if not batch.chunks:
@@ -563,18 +493,6 @@ class Engine:
                 # model's next catch-up may start one token earlier (its last draft's key is never written)
                 lag = 1 if self.draft_model is not None else 0
                 self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1 - lag)
-
-    def _unfit_error(self, seq: Sequence, need: int) -> RequestError:
-        """The one-line error of a request whose sequence needs more KV blocks than the pool has (Batch.failed):
-        add_request's pool check let it in, so a KV policy's max_slots under-reported its keys (or the pool shrank)."""
-        rid, policy = seq.request.request_id, self.config.kv_policy
-        fix = "raise num_kv_tokens (or gpu_memory_utilization)"
-        if policy is not None:
-            bound = policy.max_slots(seq.request.prompt_len, self.config.max_num_batched_tokens)
-            fix += (f", or fix {type(policy).__name__}.max_slots (add_request checked the pool against its bound of "
-                    f"{bound} keys; the sequence holds {seq.num_slots})")
-        return RequestError(f"request {rid!r}: its sequence needs {need} KV blocks for its next step"
-                            f" but the pool has {self.pool.num_blocks}; {fix}", rid)
 
     def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:
         """Append each extra row's entry to its request (rows come in position order; the row at
@@ -721,13 +639,3 @@ def _claims(seq: Sequence) -> bool:
     """Whether the request's strategy (beam search, speculative decoding) handles this sequence's logits."""
     strategy = seq.request.strategy
     return strategy is not None and strategy.claims(seq)
-
-
-def check_prompt_logprobs_start(ids: list[int], params: SamplingParams, index: int | None) -> None:
-    """SamplingParams.prompt_logprobs_start names a prompt token (the default 1 also serves a one-token prompt,
-    whose only token has no log-prob): past the last one no prompt token would get log-probs, which is refused."""
-    start, n = params.prompt_logprobs_start, len(ids)
-    if params.prompt_logprobs is not None and start > max(n - 1, 1):
-        where = f"prompt {index}: " if index is not None else ""
-        raise LmforgeError(f"{where}prompt_logprobs_start={start} is past the last token of the {n}-token prompt "
-                           f"(position {n - 1}); give {'1' if n <= 2 else f'1 to {n - 1}'}")

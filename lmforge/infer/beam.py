@@ -138,7 +138,10 @@ class BeamSearch:
 
     def _output(self, index: int, h: Hyp, why: str | None) -> CompletionOutput:
         toks, lps, tops = h
-        text = decode_after(self.tokenizer, self.request.context, [t for t in toks if t not in self.eos])
+        ids = [t for t in toks if t not in self.eos]
+        if why == "stop" and self.params.include_stop_str_in_output and toks[-1] in self.params.stop_token_ids:
+            ids.append(toks[-1])  # a stop token's text shows as a sampled sequence's does (request.Sequence)
+        text = decode_after(self.tokenizer, self.request.context, ids)
         cut = self._stop_at(toks) if why == "stop" else None
         reason = self._stop_reason(toks, text, cut) if why == "stop" else None
         if cut is not None and self.params.include_stop_str_in_output:

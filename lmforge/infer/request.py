@@ -165,10 +165,13 @@ class Sequence:
 
     def _append(self, tok: int, eos: set[int], max_seq_len: int, params) -> str:
         """append's work on the text and the finish state (the token is in self.tokens already)."""
-        if tok in eos:  # the stop token is not text; a character it cut short still shows (as U+FFFD)
+        if tok in eos:  # a character it cut short still shows (as U+FFFD)
             self.finish = "stop"
             self.stop_reason = tok if tok in params.stop_token_ids else None  # (None: the model's end of text)
-            tail = self.decoder.flush()
+            # a stop token's text shows as a stop string does, with include_stop_str_in_output (vLLM cuts the last
+            # token's text only without it); the end-of-text id's never does
+            kept = self.stop_reason is not None and params.include_stop_str_in_output
+            tail = (self.decoder.push(tok) if kept else "") + self.decoder.flush()
             self.text += tail
             return tail
         piece = self.decoder.push(tok)

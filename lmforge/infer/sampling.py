@@ -74,10 +74,12 @@ class SamplingParams:
     do: the tokens the model produced, which a continuation or an RL loss reads; with logprobs, text_offsets
     say where each token's text starts (the text length for those past the cut)"""
     include_stop_str_in_output: bool = False
-    """keep the stop string that ended a sample at the end of its text (vLLM's name; a ReAct loop's 'search[');
-    a running sample's text then needs no held-back tail"""
+    """keep the stop string that ended a sample at the end of its text (vLLM's name; a ReAct loop's 'search['),
+    or the text of the stop_token_ids token that ended it (vLLM keeps it too; the end-of-text id's text never
+    shows); a running sample's text then needs no held-back tail"""
     stop_token_ids: tuple[int, ...] = ()
-    """token ids that end generation (the tokenizer's end-of-text id is added unless ignore_eos)"""
+    """token ids that end generation (the tokenizer's end-of-text id is added unless ignore_eos); the token is in
+    token_ids and stop_reason, its text only with include_stop_str_in_output"""
     ignore_eos: bool = False
     """keep sampling past the end-of-text token, to max_tokens (benchmarks' fixed output lengths)"""
     seed: int | None = None

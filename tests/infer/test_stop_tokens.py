@@ -123,3 +123,57 @@ def test_stop_strings_see_whole_characters_on_every_decode_path():
         assert len(cut.token_ids) == len(tok.encode("the king 日本")), name  # (ended on the token completing 本)
         never = run(("\ufffd",))
         assert (never.text, never.stop_reason, never.token_ids) == (whole.text, None, whole.token_ids), name
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_token_text_follows_include_stop_str_in_output(tok, include):
+    """A stop_token_ids token that ends a sample shows its text only with include_stop_str_in_output (vLLM's
+    StopChecker cuts the last token's text only without it), as a stop string does; the end-of-text id's text never
+    shows (unless the caller lists it among stop_token_ids); a delta stream folds to the final text."""
+    from lmforge.infer.engine import Engine
+
+    from .infer_helpers import tiny_model
+
+    def run(spelled, stop_ids, output_kind="cumulative", skip=False):
+        sp = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=stop_ids, include_stop_str_in_output=include,
+                            output_kind=output_kind, skip_special_tokens=skip,
+                            logits_processors=(force(spelled, tok.eot_id),))
+        engine = Engine(tiny_model("llama"), tok)
+        rid = engine.add_request("Q", sp)
+        seen = []
+        while engine.has_unfinished():
+            seen += [o.outputs[0] for o in engine.step() if o.request_id == rid]
+        return seen
+
+    bang = tok.encode("!")[0]
+    last = run(tok.encode("ab日!cd"), (bang,))[-1]
+    assert (last.text, last.token_ids) == ("ab日!" if include else "ab日", tok.encode("ab日!"))
+    assert (last.finish_reason, last.stop_reason) == ("stop", bang)
+    deltas = run(tok.encode("ab日!cd"), (bang,), "delta")
+    assert "".join(o.text for o in deltas) == last.text
+    eos = run(tok.encode("ab"), ())[-1]  # the end-of-text id: never text
+    assert (eos.text, eos.token_ids, eos.stop_reason) == ("ab", [*tok.encode("ab"), tok.eot_id], None)
+    listed = run(tok.encode("ab"), (tok.eot_id,))[-1]  # listed: a stop token like any other
+    assert (listed.text, listed.stop_reason) == ("ab<|endoftext|>" if include else "ab", tok.eot_id)
+    assert run(tok.encode("ab"), (tok.eot_id,), skip=True)[-1].text == "ab"  # (a special token shows no text)
+
+
+def test_stop_token_text_in_beams(tok):
+    """Beam search keeps a stop_token_ids token's text as sampling does (include_stop_str_in_output), and never
+    the end-of-text id's."""
+    from lmforge.infer.llm import LLM
+
+    from .infer_helpers import tiny_model
+
+    llm = LLM(tiny_model("llama", init_std=0.3), tok)
+    base = SamplingParams(temperature=0, beam_width=3, n=2, max_tokens=8, ignore_eos=True)
+    plain = llm.generate("ab", base)[0].outputs[0]
+    stop_id = plain.token_ids[2]
+    for include in (False, True):
+        out = llm.generate("ab", dataclasses.replace(base, stop_token_ids=(stop_id,), ignore_eos=False,
+                                                     include_stop_str_in_output=include))[0]
+        stopped = [o for o in out.outputs if o.stop_reason == stop_id]
+        assert stopped
+        for o in stopped:
+            kept = tok.decode(o.token_ids if include else o.token_ids[:-1])
+            assert o.finish_reason == "stop" and o.text == kept

@@ -27,7 +27,7 @@ from lmforge.infer.detok import decode_after
 from lmforge.infer.outputs import CompletionOutput
 from lmforge.infer.request import Sequence
 from lmforge.infer.runner import row_for
-from lmforge.infer.sampler import logprob_entries
+from lmforge.infer.sampler import token_logprobs
 
 Hyp = tuple[list[int], list[float], list[dict[int, float]]]
 """a hypothesis: its tokens, their log-probs, and (with params.logprobs) each step's top-k entries"""
@@ -93,8 +93,9 @@ class BeamSearch:
             b, tok = divmod(flat, V)
             toks, lps, tops = self.hyp[live[b].seq_id]
             lp = float(logp[b, tok])
-            if k is not None:  # the sampler's entries: {chosen: lp, then the k most likely} (logp is normalised)
-                tops = tops + logprob_entries(logp[b:b + 1], [tok], [k], limit)
+            if k is not None:  # a sample's entries (Engine.accept): the k most likely, not the chosen one besides
+                _, values, ids = token_logprobs(logp[b:b + 1], torch.tensor([tok], device=logp.device), k, limit)
+                tops = tops + [dict(zip(ids[0].tolist(), values[0].tolist())) if k else {}]
             h = (toks + [tok], lps + [lp], tops)
             why = "stop" if tok in self.eos or self._stop_at(h[0]) is not None else None
             if why:

@@ -166,6 +166,27 @@ def test_a_preempted_beam_comes_back_whatever_the_seats(tok):
         assert [o.token_ids for o in got.outputs] == [o.token_ids for o in want.outputs]
 
 
+@pytest.mark.parametrize("k", [0, 1])
+def test_beam_top_logprobs_are_the_k_most_likely(tok, k):
+    """A beam's top_logprobs hold what a sample's do (CompletionOutput.top_logprobs): at each step the k most likely
+    ids and their log-probs, the chosen token only where it is among them (its own log-prob is in `logprobs`);
+    they held the chosen token first besides, k + 1 entries (one with logprobs=0)."""
+    model = tiny_model("llama", init_std=0.3)
+    sp = SamplingParams(temperature=0, beam_width=3, n=3, max_tokens=6, ignore_eos=True, logprobs=k)
+    prompt = tok.encode("ab")
+    outs = LLM(model, tok).generate([prompt], sp)[0].outputs
+    chosen_outside = 0
+    for o in outs:
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + o.token_ids]))[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        for t, row, top in zip(o.token_ids, logp, o.top_logprobs):
+            best = row.topk(k) if k else None
+            assert list(top) == (best.indices.tolist() if k else [])
+            assert list(top.values()) == pytest.approx(best.values.tolist() if k else [], abs=1e-5)
+            chosen_outside += t not in top
+    assert chosen_outside  # (some beam took a token outside the k best: the case that listed k + 1)
+
+
 def test_beam_stop_strings_logprobs_stream_and_running_outputs(tok):
     """A stop string ends a beam (text cut before it); logprobs come only when asked, with top-k entries
     that equal the model's; while the search runs the request shows its n best live beams, unfinished;
@@ -191,8 +212,8 @@ def test_beam_stop_strings_logprobs_stream_and_running_outputs(tok):
         logp = model(torch.tensor([tok.encode("ab") + with_lp.token_ids]))[0].log_softmax(-1)
     for i, (t, top) in enumerate(zip(with_lp.token_ids, with_lp.top_logprobs)):
         row = logp[len(tok.encode("ab")) - 1 + i]
-        assert list(top)[0] == t and set(list(top)[1:]) <= set(row.topk(2).indices.tolist())
-        assert top[t] == pytest.approx(float(row[t]), abs=1e-4)
+        assert list(top) == row.topk(2).indices.tolist()  # (the chosen token's log-prob: logprobs)
+        assert with_lp.logprobs[i] == pytest.approx(float(row[t]), abs=1e-4)
     assert "".join(llm.stream("ab", base)) == free.outputs[0].text
     engine = Engine(model, tok)
     rid = engine.add_request("ab", base)

@@ -12,9 +12,9 @@ at its current length. Beams still running when the search ends are dropped (the
 neither stopped nor reached the length limit); at the length limit the running beams join the finished set
 (finish_reason "length"). Log-probabilities are those of
 the raw model distribution (SamplingParams refuses penalties and logit_bias with beams). Outputs carry
-cumulative_logprob always, logprobs and top_logprobs when params.logprobs asks for them; while the search
-runs, the n best live beams are the request's outputs (finish_reason None), and an aborted search returns
-them, finish_reason "abort" (one empty sample if it had not run a step: only the prompt's beam lives).
+cumulative_logprob always, logprobs, top_logprobs and text_offsets (as a sample's) when params.logprobs asks for
+them; while the search runs, the n best live beams are the request's outputs (finish_reason None), and an aborted
+search returns them, finish_reason "abort" (one empty sample if it had not run a step: only the prompt's beam lives).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from lmforge.infer.detok import decode_after
+from lmforge.infer.detok import StreamDecoder, decode_after
 from lmforge.infer.outputs import CompletionOutput
 from lmforge.infer.request import Sequence
 from lmforge.infer.runner import row_for
@@ -147,11 +147,19 @@ class BeamSearch:
         reason = self._stop_reason(toks, text, cut) if why == "stop" else None
         if cut is not None and self.params.include_stop_str_in_output:
             cut += len(reason)
-        want = self.params.logprobs is not None
-        return CompletionOutput(index=index, text=text if cut is None else text[:cut], token_ids=list(toks),
+        want, text = self.params.logprobs is not None, text if cut is None else text[:cut]
+        return CompletionOutput(index=index, text=text, token_ids=list(toks),
                                 finish_reason=why, logprobs=list(lps) if want else None,
                                 top_logprobs=list(tops) if want else None, cumulative_logprob=sum(lps),
-                                stop_reason=reason)
+                                stop_reason=reason, text_offsets=self._offsets(toks, len(text)) if want else None)
+
+    def _offsets(self, toks: list[int], shown: int) -> list[int]:
+        """A hypothesis' text_offsets, as a sample's (request.Sequence.output): each token's text starts where the
+        text before it ended, complete characters only (the sample's StreamDecoder), at most at the text's end."""
+        decoder, ends = StreamDecoder(self.tokenizer, (), self.request.context), [0]
+        for t in toks[:-1]:
+            ends.append(ends[-1] + (len(decoder.push(t)) if t not in self.eos else 0))
+        return [min(e, shown) for e in ends]
 
     def _stop_reason(self, toks: list[int], text: str, cut: int | None) -> int | str | None:
         """What ended a stopped hypothesis, as a sampled sequence reports it (request.Sequence.stop_reason): the

@@ -336,3 +336,23 @@ def test_more_samples_than_beams_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"^n=6 beams asked for but beam_width=4: a search returns at most its "
                                           r"beam_width beams; raise beam_width to 6 or lower n$"):
         SamplingParams(temperature=0, beam_width=4, n=6)
+
+
+def test_beam_text_offsets_with_logprobs(tok):
+    """With logprobs a beam gives text_offsets as a sample does (CompletionOutput.text_offsets: where each token's
+    text starts, a byte of an incomplete character where the next one does, tokens past a stop string's cut at the
+    text's end): those of a sampled request spelling the same tokens (they were None)."""
+    from .test_stop_tokens import force
+
+    llm = LLM(tiny_model("llama", init_std=0.3, seed=2), tok)  # (its beams take bytes of incomplete characters)
+    base = SamplingParams(temperature=0, beam_width=3, n=3, max_tokens=8, ignore_eos=True, logprobs=0)
+    plain = llm.generate("日本", base)[0].outputs
+    stop = plain[0].text[1:3]  # (plain characters: a U+FFFD of the decoded whole is no stop string of a sample)
+    for sp in (base, base.derived(stop=(stop,), ignore_eos=False)):
+        for o in llm.generate("日本", sp)[0].outputs:
+            same = sp.derived(beam_width=1, n=1, logits_processors=(force(o.token_ids, tok.eot_id),),
+                              max_tokens=len(o.token_ids))
+            want = llm.generate("日本", same)[0].outputs[0]
+            assert (o.text, o.token_ids) == (want.text, want.token_ids)
+            assert o.text_offsets == want.text_offsets and len(o.text_offsets) == len(o.token_ids)
+    assert llm.generate("日本", base.derived(logprobs=None))[0].outputs[0].text_offsets is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,9 +28,18 @@ FROZEN_DTYPE_NAMES = SHORT_DTYPES
 """a {role}_dtype option's names -> the torch dtype each holds a frozen model in (lmforge.align.frozen.FROZEN_DTYPES)"""
 
 
-def check_beta(beta: float, name: str = "beta") -> None:
+def check_beta(beta: float, name: str = "beta", meaning: str = "the strength of the KL anchor") -> None:
     if not beta > 0:
-        raise ConfigError(f"{name} must be > 0, got {beta}; e.g. 0.1 (the strength of the KL anchor)")
+        raise ConfigError(f"{name} must be > 0, got {beta}; e.g. 0.1 ({meaning})")
+
+
+def check_finite(cfg, section: str) -> None:
+    """Every float option of `cfg` is a finite number: an infinite beta or weight passes `> 0` and a NaN passes
+    `< 0` checks, and either shows only as a NaN loss once the run has started. Called after coerce_fields."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
 
 
 def check_frozen_dtype(value: str | None, name: str) -> None:
@@ -71,6 +81,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self, "sft")  # each field's type, named when wrong
+        check_finite(self, "sft")
         check(self.loss in ("token_mean", "sequence_mean"),
               f"sft.loss must be 'token_mean' or 'sequence_mean', got {self.loss!r}")
         check(self.neftune_alpha >= 0, f"sft.neftune_alpha must be >= 0, got {self.neftune_alpha}")
@@ -89,6 +100,7 @@ class DPOConfig(ReferenceOptions):
 
     def __post_init__(self):
         coerce_fields(self, "dpo")  # each field's type, named when wrong
+        check_finite(self, "dpo")
         check_beta(self.beta)
         if self.loss_type not in PAIR_LOSSES:
             raise ConfigError(f"loss_type={self.loss_type!r} is not one of {PAIR_LOSSES}; KTO and ORPO have their "
@@ -113,6 +125,7 @@ class KTOConfig(ReferenceOptions):
 
     def __post_init__(self):
         coerce_fields(self, "kto")  # each field's type, named when wrong
+        check_finite(self, "kto")
         check_beta(self.beta)
         check_frozen_options(self, "reference")
         for name in ("desirable_weight", "undesirable_weight"):
@@ -127,7 +140,8 @@ class ORPOConfig:
 
     def __post_init__(self):
         coerce_fields(self, "orpo")  # each field's type, named when wrong
-        check_beta(self.beta)
+        check_finite(self, "orpo")
+        check_beta(self.beta, meaning="the weight of the odds-ratio term")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +151,7 @@ class RewardConfig:
 
     def __post_init__(self):
         coerce_fields(self, "rm")  # each field's type, named when wrong
+        check_finite(self, "rm")
         if self.center_rewards_coefficient < 0:
             raise ConfigError(f"center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0")
 
@@ -170,6 +185,7 @@ class DistillConfig:
 
     def __post_init__(self):
         coerce_fields(self, "distill")  # each field's type, named when wrong
+        check_finite(self, "distill")
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"divergence={self.divergence!r} is not one of {DIVERGENCES}")
         if self.divergence == "jsd" and not 0 < self.beta < 1:
@@ -215,6 +231,7 @@ class PostDataConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self, "data")  # each field's type, named when wrong
+        check_finite(self, "data")
         check(self.seq_len > 1, f"data.seq_len must be > 1, got {self.seq_len}")
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.align.config import DistillConfig, DPOConfig, RewardConfig, SFTConfig
 from lmforge.align.kto import KTOConfig, KTOObjective, mismatched_rows
 from lmforge.align.logprobs import token_logprobs
 from lmforge.align.losses import kto_kl, kto_loss, log1mexp, orpo_ratio_loss
@@ -132,8 +133,21 @@ def test_bad_configs():
         KTOConfig(beta=-1)
     with pytest.raises(ConfigError, match="desirable_weight"):
         KTOConfig(desirable_weight=0)
-    with pytest.raises(ConfigError, match="beta"):
+    with pytest.raises(ConfigError, match="beta must be > 0, got 0.0; e.g. 0.1 \\(the weight of the odds-ratio"):
         ORPOConfig(beta=0)
+
+
+@pytest.mark.parametrize("section,config,field", [
+    ("dpo", DPOConfig, "beta"), ("dpo", DPOConfig, "simpo_gamma"), ("kto", KTOConfig, "beta"),
+    ("kto", KTOConfig, "desirable_weight"), ("orpo", ORPOConfig, "beta"),
+    ("rm", RewardConfig, "center_rewards_coefficient"), ("distill", DistillConfig, "temperature"),
+    ("distill", DistillConfig, "weight"), ("distill", DistillConfig, "sft_weight"),
+    ("sft", SFTConfig, "neftune_alpha")])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_option_is_refused_naming_it(section, config, field, value):
+    """inf passes `beta > 0` and NaN passes `coefficient < 0`: either trained to a NaN loss at the first step."""
+    with pytest.raises(ConfigError, match=f"^{section}.{field} must be a finite number, got {value}$"):
+        config(**{field: value})
 
 
 def test_mismatched_rows_of_conversational_completions_hold_real_tokens():

@@ -407,6 +407,12 @@ class PostTrainConfig(LoopConfig):
         if other:
             raise ConfigError(f"post-training runs data parallel only, got parallel {other}: use dp_shard / "
                               "dp_replicate and set tp = pp = cp = 1")
+        options = getattr(self, self.objective, None)  # (config_class's section; a bare PostTrainConfig has none)
+        if isinstance(options, KTOConfig) and options.kl and self.data.batch_size < 2:
+            # TRL's KTOTrainer refuses it too: the mismatched pair of a lone row is the row itself
+            raise ConfigError(f"data.batch_size={self.data.batch_size}: KTO estimates its reference point z0 from each "
+                              "prompt paired with another row's completion, which a batch of one row lacks; set "
+                              f"data.batch_size >= 2, or {self.objective}.kl = false (z0 = 0)")
         if getattr(getattr(self, "distill", None), "divergence", None) == "sampled_reverse_kl":
             # its gradient estimates the reverse KL only for tokens the current student sampled; the run's data are
             # fixed completions (someone else's samples), whose estimate is biased and need not even be >= 0

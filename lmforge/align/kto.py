@@ -65,7 +65,10 @@ def mismatched_rows(batch: dict, max_tokens: int | None = None, keep_end: bool =
     A long prompt with another row's long completion can be up to twice as long as either row: `max_tokens` (the
     data's seq_len + 1) truncates each such row as the data truncates an example (its first tokens, or with
     `keep_end` its last), as TRL truncates its KL rows to max_length; a row left without completion tokens then
-    adds a log-ratio of 0 to the reference point, as in TRL."""
+    adds a log-ratio of 0 to the reference point, as in TRL. A batch of one row has no other completion: its row
+    counts no token (a log-ratio of 0, so z0 = 0 as with KTOConfig(kl=False)), where pairing the row with its own
+    completion (TRL's shift of one row) would make z0 its own implied reward (a short last batch of an epoch or of
+    the validation set; `lmforge kto` refuses data.batch_size = 1, as TRL refuses a batch size of 1)."""
     ids, tgt, mask = batch["input_ids"], batch["targets"], response_mask(batch)
     parts = []
     for b in range(ids.shape[0]):
@@ -80,7 +83,8 @@ def mismatched_rows(batch: dict, max_tokens: int | None = None, keep_end: bool =
     for i, (prompt, _, _) in enumerate(parts):
         _, completion, counted = parts[i - 1]
         r = torch.cat([prompt, completion])
-        c = torch.cat([torch.zeros(len(prompt) - 1, dtype=torch.bool, device=ids.device), counted.bool()])
+        counted = counted.bool() & (len(parts) > 1)  # a lone row is its own completion: nothing mismatched to count
+        c = torch.cat([torch.zeros(len(prompt) - 1, dtype=torch.bool, device=ids.device), counted])
         if max_tokens is not None and len(r) > max_tokens:
             r, c = (r[-max_tokens:], c[-(max_tokens - 1):]) if keep_end else (r[:max_tokens], c[:max_tokens - 1])
         rows.append((r, c))

@@ -289,3 +289,27 @@ def test_kto_per_label_metrics_combine_over_ranks(tmp_path):
     for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins",
               "num_chosen", "num_rejected"):
         assert got[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
+
+
+def test_a_lone_row_has_no_mismatched_completion_and_batch_size_1_is_refused():
+    """A batch of one row (an epoch's or the validation set's short last batch) has no other row's completion:
+    pairing it with its own would make KTO's reference point z0 its own implied reward. Its KL row counts nothing
+    (z0 = 0, as kl=False); `lmforge kto` refuses data.batch_size = 1 as TRL's KTOTrainer refuses it."""
+    from lmforge.align.config import PostDataConfig, config_class
+
+    batch = sequences(1, 8, 41, [3], seed=0)
+    batch["label"] = torch.tensor([True])
+    rows = mismatched_rows(batch)
+    assert not rows["kl_loss_mask"].any() and (rows["kl_targets"] == -100).all()
+    model, ref = tiny_model(3), tiny_model(0)
+    with torch.no_grad():
+        r = ((token_logprobs(model(batch["input_ids"]), batch["targets"])
+              - token_logprobs(ref(batch["input_ids"]), batch["targets"])) * batch["loss_mask"]).sum()
+    assert r > 0.1  # the row's own log-ratio: what z0 was (clamped at 0) when the row paired with itself
+    loss, metrics = KTOObjective(reference=ref).loss(model, batch)
+    assert metrics["kl"].item() == 0.0
+    torch.testing.assert_close(loss, KTOObjective(KTOConfig(kl=False), reference=ref).loss(model, batch)[0])
+    cls = config_class("kto")
+    with pytest.raises(ConfigError, match="data.batch_size=1: KTO .* set data.batch_size >= 2, or kto.kl = false"):
+        cls(data=PostDataConfig(batch_size=1))
+    assert cls(data=PostDataConfig(batch_size=1), kto=KTOConfig(kl=False)).data.batch_size == 1

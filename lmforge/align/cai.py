@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from lmforge.align.data import encode_inside
 from lmforge.align.sampled import reply
 from lmforge.errors import ConfigError
 from lmforge.infer.sampling import SamplingParams
@@ -114,7 +115,7 @@ def ai_preferences(llm, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]
     """{"prompt", "chosen", "rejected", "p_chosen"} per pair the judge prefers one side of (conversational:
     the prompt a user turn, the responses assistant turns); ties (no preference after averaging both orders)
     are counted in stats, not returned."""
-    ids = tuple(llm.tokenizer.encode(x)[0] for x in ("A", "B"))
+    ids = tuple(encode_inside(llm.tokenizer, x)[0] for x in ("A", "B"))  # after "(": no SentencePiece "▁A"
     rng = random.Random(seed)
     chosen = [rng.choice(principles) for _ in prompts]
     judge = [judge_prompt(p, a, b, pr) for p, (a, b), pr in zip(prompts, pairs, chosen)]

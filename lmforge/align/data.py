@@ -105,6 +105,13 @@ def check_template(tokenizer, template: ChatTemplate, plain: str = "data.templat
                             f"(a BPE tokenizer trained with it as a special token) or {plain}")
 
 
+def encode_inside(tokenizer, text: str) -> list[int]:
+    """`text`'s ids where it continues a text encoded before it (a completion after its prompt, a step after the
+    one before, an option letter after "("): a SentencePiece-style tokenizer then puts no "▁" before it, as HF's
+    encoding of the two as one text; other tokenizers put nothing before any text."""
+    return tokenizer.encode(text, where="inside") if takes_where(tokenizer, "encode") else tokenizer.encode(text)
+
+
 class RecordError(DataError):
     """A bad record: `reason` is the short key a DataReport counts it under."""
 
@@ -184,9 +191,7 @@ class Encoder:
         # (the completion continues the prompt's text: a SentencePiece tokenizer puts no "▁" before it, as HF's
         # encoding of the two as one text)
         p = self.tok.encode(prompt)
-        c_ids = self.tok.encode(completion, where="inside") if takes_where(self.tok, "encode") else \
-            self.tok.encode(completion)
-        c_ids = c_ids + ([self.eos] if self.eos is not None else [])
+        c_ids = encode_inside(self.tok, completion) + ([self.eos] if self.eos is not None else [])
         return p + c_ids, [self.loss_on == "all"] * len(p) + [True] * len(c_ids)
 
     def sampled(self, prompt: Any, prompt_ids: Any, completion_ids: Any, where: str, name: str) -> Example:

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.align.data import encode_inside
 from lmforge.align.logprobs import ModelAux
 from lmforge.align.value import values_of
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
-from lmforge.tokenizer.load import takes_where
 from lmforge.train.objective import Stateless
 from lmforge.utils import eval_mode
 
@@ -52,15 +52,13 @@ def encode_steps(tokenizer, prompt: str, steps: list[str], labels: list[bool] | 
     if labels is not None and len(labels) != len(steps):
         raise ConfigError(f"{len(labels)} labels for {len(steps)} steps: give one label (True = correct) per step")
     # steps and separators continue the prompt's text (a SentencePiece tokenizer puts no "▁" before them)
-    inside = (lambda text: tokenizer.encode(text, where="inside")) if takes_where(tokenizer, "encode") else \
-        tokenizer.encode
-    sep = inside(separator)
+    sep = encode_inside(tokenizer, separator)
     if not sep:
         raise ConfigError(f"the step separator {separator!r} encodes to no token; use one that does (e.g. '\\n')")
     ids = list(tokenizer.encode(prompt))
     positions = []
     for step in steps:
-        ids += list(inside(step)) + sep
+        ids += list(encode_inside(tokenizer, step)) + sep
         positions.append(len(ids) - 1)
     return ids, positions, [IGNORE] * len(steps) if labels is None else [int(bool(x)) for x in labels]
 

@@ -269,3 +269,27 @@ def test_samples_cut_at_max_tokens_are_dropped_and_counted_or_kept_without_an_en
     assert ids[-3:] == tok.encode("hello there hello there")[:3] and sum(mask) == 3
     pairs, stats = preference_pairs(chatml, TASKS["arithmetic"](), exs, dataclasses.replace(params, n=2))
     assert stats["truncated"] == 4 and stats["samples"] == 4 and stats["prompts_without_output"] == 2 and pairs == []
+
+
+def test_ai_preferences_read_the_option_tokens_that_follow_the_open_parenthesis():
+    """A SentencePiece-style judge continues "The answer is: (" with "A", not with "▁A" (what "A" encodes to as a
+    text of its own, Llama 2's tokenizers): the options' probabilities are read from the tokens it writes there."""
+    pytest.importorskip("tokenizers")
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+    from tests.tokenizer.sp_files import sp_doc
+
+    tok = SentencePieceBPE(sp_doc())
+    prompt = tok.encode("The answer is: (")
+    A, B = (tok.encode("The answer is: (" + x)[len(prompt)] for x in ("A", "B"))
+    assert tok.encode("A")[0] != A  # "▁A": a token the judge does not write after "("
+
+    def reply(prompt, j):
+        a = prompt.split("(A) ")[1].split("\n")[0]
+        p_a = 0.8 if a == "good" else 0.2
+        return {A: math.log(p_a), B: math.log(1 - p_a), tok.encode("A")[0]: -9.0}
+    llm = Scripted(reply)
+    llm.tokenizer = tok
+    recs, stats = ai_preferences(llm, ["q1", "q2"], [("good", "bad"), ("bad", "good")])
+    assert stats == {"pairs": 2, "labelled": 2, "ties": 0}
+    assert [r["chosen"][0]["content"] for r in recs] == ["good", "good"]
+    assert [r["p_chosen"] for r in recs] == pytest.approx([0.8, 0.8])

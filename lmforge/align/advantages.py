@@ -110,6 +110,11 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if group_size < 2 or rewards.numel() % group_size:
         raise ConfigError(f"group_size={group_size} must be >= 2 and divide the {rewards.numel()} rewards "
                           "(each prompt's completions consecutive, SamplingParams(n=group_size))")
+    bad = ~torch.isfinite(rewards.float())
+    if bad.any():  # (else a NaN spreads over its whole group's advantages, and the loss is NaN a step later)
+        i = int(bad.nonzero()[0])
+        raise ConfigError(f"rewards[{i}] = {float(rewards[i])}: every completion needs a finite reward; score a "
+                          "completion the verifier cannot judge as wrong (e.g. 0.0) or drop its whole group")
     return rewards.float().view(-1, group_size)
 
 

@@ -572,6 +572,10 @@ def test_bad_group_and_score_arguments_are_one_line_errors():
             group_advantages(torch.zeros(8), 2, eps=eps)
     with pytest.raises(ConfigError, match="scores must be a \\(B,\\) = \\(2,\\) tensor, one per row, got list"):
         outcome_rewards([1.0, 0.0], torch.ones(2, 3, dtype=torch.bool))
+    # a NaN reward (a verifier that could not judge) would make its whole group's advantages NaN, then the loss
+    for fn in (group_advantages, rloo_advantages):
+        with pytest.raises(ConfigError, match=r"^rewards\[5\] = nan: every completion needs a finite reward"):
+            fn(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, float("nan")]), 3)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])

@@ -103,12 +103,15 @@ def preference_pairs(policy, task: Task, examples: Sequence[Example], params: Sa
                      reference_fallback: bool = False, keep_truncated: bool = False
                      ) -> tuple[list[dict], dict[str, int]]:
     """{"prompt", "chosen", "rejected"} (+ their ids): a verified-correct and a verified-wrong sample of one
-    prompt. Needs params.n >= 2; prompts whose samples are all right, all wrong or all truncated give no pair
+    prompt, up to `pairs_per_prompt` distinct such pairs per prompt (fewer where its samples make fewer). Needs
+    params.n >= 2; prompts whose samples are all right, all wrong or all truncated give no pair
     (counted), unless reference_fallback: then an all-wrong prompt's chosen side is the example's reference
     solution (counted as from_reference; off-policy, so not what "sampled pairs" measure; text only, no
     chosen_ids)."""
     if params.n < 2:
         raise ConfigError(f"preference_pairs needs SamplingParams(n >= 2) samples per prompt, got n={params.n}")
+    if not isinstance(pairs_per_prompt, int) or pairs_per_prompt < 1:
+        raise ConfigError(f"pairs_per_prompt={pairs_per_prompt!r} must be an int >= 1")
     rng = random.Random(seed)
     pairs, stats = [], _counts(len(examples), "correct", "all_correct", "all_wrong", "prompts_without_output",
                                "from_reference")
@@ -128,8 +131,9 @@ def preference_pairs(policy, task: Task, examples: Sequence[Example], params: Sa
             if not good:
                 good = [{"chosen": [{"role": "assistant", "content": ex.solution}]}]
                 stats["from_reference"] += 1
-            for _ in range(pairs_per_prompt):
-                pairs.append({"prompt": conversation(ex), "prompt_ids": ids, **rng.choice(good), **rng.choice(bad)})
+            combos = [(g, b) for g in good for b in bad]  # distinct pairs: a repeated one would weigh twice
+            for g, b in rng.sample(combos, min(pairs_per_prompt, len(combos))):
+                pairs.append({"prompt": conversation(ex), "prompt_ids": ids, **g, **b})
     stats["pairs"] = len(pairs)
     return pairs, stats
 

@@ -95,6 +95,28 @@ def test_preference_pairs_and_kto_records_follow_the_verifier():
         preference_pairs(llm, task, exs, SamplingParams(n=1))
 
 
+
+def test_preference_pairs_per_prompt_are_distinct():
+    """pairs_per_prompt draws distinct (chosen, rejected) pairs: a prompt with one right and one wrong sample gives
+    one pair, not the same pair repeated (which would weigh it twice); one right and three wrong give three."""
+    task = TASKS["sort"]()
+    exs, llm = _task_model(task, lambda i: [{0}, {0, 1}, set(), {1}][i])
+    params = SamplingParams(n=2, seed=0)
+
+    def distinct_answers(reply):  # sample j of a prompt: its own text (the wrong answer made distinct per sample)
+        return lambda prompt, j: reply(prompt, j) + (f" {j}" if reply(prompt, j) == "Answer: -1" else "")
+    llm.reply = distinct_answers(llm.reply)
+    pairs, stats = preference_pairs(llm, task, exs, params, pairs_per_prompt=3)
+    keys = [(p["prompt"][0]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs]
+    assert len(keys) == len(set(keys)) == stats["pairs"] == 2  # prompts 0 and 3: one right, one wrong sample each
+    exs, llm = _task_model(task, lambda i: {0})
+    llm.reply = distinct_answers(llm.reply)
+    three = preference_pairs(llm, task, exs[:1], SamplingParams(n=4, seed=0), pairs_per_prompt=9)[0]
+    assert len({(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in three}) == len(three) == 3
+    with pytest.raises(ConfigError, match="pairs_per_prompt=0 must be an int >= 1"):
+        preference_pairs(llm, task, exs, params, pairs_per_prompt=0)
+
+
 def test_preference_pairs_through_the_real_engine():
     from lmforge.infer.llm import LLM
     from lmforge.model.config import ModelConfig

@@ -145,3 +145,25 @@ def test_loss_png_names_the_objectives_loss(tmp_path, monkeypatch):
               DPOObjective(reference=tiny_model(1)), config=cfg).fit()
     assert labels == ["loss (DPOObjective)"]
     assert T.loss_label(LMObjective()) == "cross-entropy (nats/token)"
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_simpo_objective_matches_trl_cpo_on_the_models_mean_log_probs(eps):
+    """SimPO end to end (TRL's CPOTrainer with loss_type='simpo', cpo_alpha=0): the objective's per-token means over
+    each completion, fed to TRL's cpo_loss, give the same loss, rewards and parameter gradients; no reference runs."""
+    model = tiny_model(0)
+    batch = pair_batch()
+    obj = DPOObjective(DPOConfig(beta=2.0, loss_type="simpo", simpo_gamma=0.7, label_smoothing=eps))
+    assert obj.ref is None
+    loss, metrics = obj.loss(model, batch)
+    loss.backward()
+    g_ours = grads(model)
+    avg_c, avg_r = ((token_logprobs(model(batch[f"{p}input_ids"]), batch[f"{p}targets"]) * batch[f"{p}loss_mask"]
+                     ).sum(-1) / batch[f"{p}loss_mask"].sum(-1) for p in ("chosen_", "rejected_"))
+    t_losses, t_rc, t_rr = trl_cpo("simpo", 2.0, avg_c, avg_r, gamma=0.7, label_smoothing=eps)
+    t_losses.mean().backward()
+    torch.testing.assert_close(loss, t_losses.mean())
+    for a, b in zip(g_ours, grads(model)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(metrics["rewards/chosen"], t_rc.mean())
+    torch.testing.assert_close(metrics["rewards/margins"], (t_rc - t_rr).mean())

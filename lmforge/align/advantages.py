@@ -110,12 +110,17 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if group_size < 2 or rewards.numel() % group_size:
         raise ConfigError(f"group_size={group_size} must be >= 2 and divide the {rewards.numel()} rewards "
                           "(each prompt's completions consecutive, SamplingParams(n=group_size))")
-    bad = ~torch.isfinite(rewards.float())
-    if bad.any():  # (else a NaN spreads over its whole group's advantages, and the loss is NaN a step later)
-        i = int(bad.nonzero()[0])
-        raise ConfigError(f"rewards[{i}] = {float(rewards[i])}: every completion needs a finite reward; score a "
-                          "completion the verifier cannot judge as wrong (e.g. 0.0) or drop its whole group")
+    _finite("rewards", rewards, "drop its whole group")  # (a NaN spreads over its whole group's advantages)
     return rewards.float().view(-1, group_size)
+
+
+def _finite(name: str, x: torch.Tensor, drop: str) -> None:
+    """Refuse a NaN or infinite entry of the (N,) scores `x`: it would reach the loss as NaN a step later."""
+    bad = ~torch.isfinite(x.float())
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ConfigError(f"{name}[{i}] = {float(x[i])}: every completion needs a finite score; score one the "
+                          f"verifier or reward model cannot judge as wrong (e.g. 0.0), or {drop}")
 
 
 def _no_signal(g: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -161,6 +166,7 @@ def outcome_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or scores.shape != m.shape[:1]:
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ConfigError(f"scores must be a (B,) = ({m.shape[0]},) tensor, one per row, got {shape}")
+    _finite("scores", scores, "drop its row")
     if not m.any(-1).all():
         row = int((~m.any(-1)).nonzero()[0])
         raise ConfigError(f"row {row} of the mask selects no token, so its score has nowhere to go; drop the row")

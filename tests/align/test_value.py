@@ -574,8 +574,10 @@ def test_bad_group_and_score_arguments_are_one_line_errors():
         outcome_rewards([1.0, 0.0], torch.ones(2, 3, dtype=torch.bool))
     # a NaN reward (a verifier that could not judge) would make its whole group's advantages NaN, then the loss
     for fn in (group_advantages, rloo_advantages):
-        with pytest.raises(ConfigError, match=r"^rewards\[5\] = nan: every completion needs a finite reward"):
+        with pytest.raises(ConfigError, match=r"^rewards\[5\] = nan: every completion needs a finite score"):
             fn(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, float("nan")]), 3)
+    with pytest.raises(ConfigError, match=r"^scores\[1\] = inf: every completion needs a finite score.*drop its row"):
+        outcome_rewards(torch.tensor([1.0, float("inf")]), torch.ones(2, 3, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])

@@ -294,15 +294,14 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
     (`base`, else the config's base_model_name_or_path), lmforge LoRA layers (unmerged) around the adapted
     Linears with the adapter's tensors, and the kept modules' weights. The tokenizer is the adapter
     directory's own when it has one, else the base's."""
-    from safetensors.torch import load_file
-
     from lmforge.adapt.lora import load_lora, lora_layers, merge_lora, restore_lora, unmergeable
     from lmforge.checkpoint import is_hf_dir, load_model, resolve_checkpoint
-    from lmforge.model.hf import family_of, guess_family, read_hf_config
+    from lmforge.model.hf import family_of, guess_family, read_hf_config, read_safetensors
     from lmforge.tokenizer.load import load_tokenizer
 
     path = Path(path)
-    config = _peft_config(path)  # refused before the base loads
+    config = _peft_config(path)  # refused before the base loads, as an unreadable tensor file is
+    tensors = read_safetensors(path / WEIGHTS)
     where = peft_base(path, base)
     model, tok = load_model(where, tokenizer=tokenizer)
     if not hasattr(model, "cfg"):
@@ -319,7 +318,7 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
         tok = load_tokenizer(path)
     ckpt = resolve_checkpoint(where)
     family = family_of(read_hf_config(ckpt)) if is_hf_dir(ckpt) else guess_family(model.cfg)
-    layers, state = _lmforge_state(path, load_file(str(path / WEIGHTS)), model, family, config)
+    layers, state = _lmforge_state(path, tensors, model, family, config)
     restore_lora(model, layers)
     load_lora(model, state)  # checked whole (names, shapes) before anything is copied
     return model.eval(), tok

@@ -55,9 +55,9 @@ def hf_chat_template(path: str | Path, base: str | Path | None = None):
     except (OSError, ValueError):
         config = {}
     config = config if isinstance(config, dict) else {}
-    source = config.get("chat_template")
+    source, where = config.get("chat_template"), "tokenizer_config.json"
     if (ckpt / "chat_template.jinja").is_file():  # where transformers >= 4.43 saves it
-        source = (ckpt / "chat_template.jinja").read_text()
+        source, where = (ckpt / "chat_template.jinja").read_text(), "chat_template.jinja"
     if isinstance(source, list):
         source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
     if not isinstance(source, str) or not source.strip():
@@ -67,5 +67,5 @@ def hf_chat_template(path: str | Path, base: str | Path | None = None):
         value = value.get("content") if isinstance(value, dict) else value
         if key.endswith("_token") and isinstance(value, str):
             tokens[key] = value
-    return JinjaTemplate(name=f"{ckpt.name}'s own (tokenizer_config.json)", source=source,
+    return JinjaTemplate(name=f"{ckpt.name}'s own ({where})", source=source,
                          tokens=tuple(sorted(tokens.items())), end=tokens.get("eos_token", ""))

@@ -87,7 +87,9 @@ def family_of(hf: dict) -> str:
         if arch in archs:
             return name
     raise ConfigError(f"config.json model_type={mt!r} (architectures={archs}) is not supported; "
-                      f"supported model_type: {sorted(FAMILIES)}")
+                      f"supported model_type: {sorted(FAMILIES)}; run it through transformers instead: "
+                      "LLM(lmforge.infer.hf_wrapper.HFCausalLM(AutoModelForCausalLM.from_pretrained(dir)), tokenizer) "
+                      "(no KV cache: correct, slow)")
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -200,6 +202,13 @@ def _open_safetensors(path: Path):
                               "download, or a Git LFS pointer? Fetch the file again") from e
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of one small safetensors file (a PEFT adapter's), with _open_safetensors' one-line error for a
+    file that is none (a truncated copy) instead of safetensors' own exception."""
+    handle = _open_safetensors(Path(path))
+    return {k: handle.get_tensor(k) for k in handle.keys()}
+
+
 def _target(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """The lmforge tensor (or slice 'x#e' of a stacked one) a rule reads or writes."""
     base, _, idx = name.partition("#")
@@ -238,7 +247,9 @@ class _Reader:
         path, key = self.files[name], self.stored.get(name, name)
         if path not in self.handles:
             if not path.is_file():
-                raise CheckpointError(f"{path} is missing: the index's weight_map names it for {key!r}")
+                raise CheckpointError(f"{path} is missing: the index's weight_map names it for {key!r}; fetch it "
+                                      f"again (every shard the index names must be beside it: "
+                                      f"{len(set(self.files.values()))} files)")
             self.handles[path] = _open_safetensors(path)
         h = self.handles[path]
         if key not in h.keys():

@@ -174,6 +174,23 @@ def test_a_legacy_adapter_model_bin_is_named_with_the_command_that_converts_it(t
     assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5
 
 
+def test_a_truncated_adapter_file_is_named_in_one_line(tmp_path, capsys):
+    """A PEFT directory whose adapter_model.safetensors was cut short (an unfinished copy) ended `lmforge generate`
+    in safetensors' traceback (found 2026-12-07): one line names the file and says to fetch it again."""
+    _base(tmp_path / "base")
+    _adapter(tmp_path / "base", tmp_path / "ad", target_modules=["q_proj"])
+    f = tmp_path / "ad" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    want = f"{f} is not a readable safetensors file .*: a truncated or unfinished download, or a Git LFS pointer\\? " \
+           "Fetch the file again$"
+    with pytest.raises(CheckpointError, match=want):
+        load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)
+    assert main(["generate", "--checkpoint", str(tmp_path / "ad"), "--base", str(tmp_path / "base"), "--prompts",
+                 "Hi"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"lmforge generate: error: {f} is not a readable safetensors")
+
+
 def test_a_peft_directory_loaded_in_bf16_keeps_its_adapters_fp32(tmp_path):
     """load_model(dtype=) casts a PEFT adapter's base, not its LoRA factors (they were cast with it), as the other
     checkpoint kinds load adapters over a half-precision model."""

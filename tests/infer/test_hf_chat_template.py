@@ -72,6 +72,15 @@ def test_chat_template_jinja_file_is_preferred_and_none_without_a_template(tmp_p
     assert hf_chat_template(d) is None and LLM.load(d).chat_template is None
 
 
+def test_a_checkpoints_own_template_is_named_by_the_file_it_came_from(tmp_path):
+    """`lmforge chat` and `lmforge export` name the template they use; one read from chat_template.jinja (where
+    transformers 5 saves it) was called "(tokenizer_config.json)" (found 2026-12-07)."""
+    d = _qwen_style_dir(tmp_path)
+    assert hf_chat_template(d).name == f"{d.name}'s own (tokenizer_config.json)"
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert hf_chat_template(d).name == f"{d.name}'s own (chat_template.jinja)"
+
+
 def test_lmforge_chat_uses_the_checkpoints_own_template(tmp_path, monkeypatch, capsys):
     """`lmforge chat --checkpoint <HF dir>` chats with the directory's Jinja (its default system prompt), as
     LLM.load does; --template still picks a built-in one."""

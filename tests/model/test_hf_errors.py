@@ -84,6 +84,25 @@ def test_unknown_architecture_quantized_and_missing_field(ckpt):
         Transformer.from_pretrained(path / "nowhere")
 
 
+def test_an_unsupported_architecture_and_a_missing_shard_name_the_fix(ckpt, tmp_path):
+    """Both errors named the problem but no way out (found 2026-12-07): an architecture lmforge cannot convert runs
+    through transformers behind HFCausalLM; a shard the index names must be fetched again."""
+    path, model = ckpt
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
+    with pytest.raises(ConfigError, match=r"model_type='phi3' .* is not supported; .*; run it through transformers "
+                                          r"instead: LLM\(lmforge\.infer\.hf_wrapper\.HFCausalLM\("):
+        Transformer.from_pretrained(path)
+    from lmforge.model.hf import save_pretrained
+
+    save_pretrained(model, tmp_path / "sh", max_shard_bytes=20_000)
+    shards = sorted((tmp_path / "sh").glob("model-*.safetensors"))
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match=f"{shards[1].name} is missing: .*; fetch it again \\(every shard the "
+                                              f"index names must be beside it: {len(shards)} files\\)$"):
+        Transformer.from_pretrained(tmp_path / "sh")
+
+
 def test_weights_are_read_tensor_by_tensor(ckpt, monkeypatch):
     """No call ever materialises the whole checkpoint: safetensors.torch.load_file is not used."""
     path, _ = ckpt

@@ -398,6 +398,9 @@ def _check_names(rules, files: dict, cfg: ModelConfig, fam: str, reader: _Reader
         arch = FAMILIES[fam][0]  # a classifier's (a reward model's) score head or a bare base model has no lm_head
         other = (f"; config.json's architectures={archs} is not the causal LM {arch}, which lmforge loads"
                  if archs and arch not in archs else "")
+        if missing == ["lm_head.weight"] and not cfg.tie_embeddings and not other:  # (a tied head, its flag lost)
+            other += ("; config.json does not tie the head to the embeddings (tie_word_embeddings false or left out): "
+                      "if this model's head is its embedding matrix, set \"tie_word_embeddings\": true there")
         raise CheckpointError(f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing) for a {fam} model "
                               f"with the config in config.json{other}")
     extra = sorted(n for n in set(files) - wanted

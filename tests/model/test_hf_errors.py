@@ -103,6 +103,21 @@ def test_an_unsupported_architecture_and_a_missing_shard_name_the_fix(ckpt, tmp_
         Transformer.from_pretrained(tmp_path / "sh")
 
 
+def test_a_head_missing_under_an_untied_config_names_tie_word_embeddings(tmp_path):
+    """A tied model whose config.json lost tie_word_embeddings (Qwen2's default is false) has no lm_head.weight in
+    its file: transformers initialises a random head silently; the refusal names the flag to set (2026-12-07)."""
+    import dataclasses
+
+    Transformer(dataclasses.replace(CFG, tie_embeddings=True)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(CheckpointError, match=r"^checkpoint lacks tensor 'lm_head.weight' .*; config.json does not tie "
+                                              r"the head .*set \"tie_word_embeddings\": true there$"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert Transformer.from_pretrained(tmp_path).cfg.tie_embeddings
+
+
 def test_weights_are_read_tensor_by_tensor(ckpt, monkeypatch):
     """No call ever materialises the whole checkpoint: safetensors.torch.load_file is not used."""
     path, _ = ckpt

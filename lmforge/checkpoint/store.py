@@ -147,12 +147,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def _path_hint(path: Path) -> str:
     """What to give instead of a path holding no checkpoint: the directory of a file given (a model's config.json),
     the run directory of a run's checkpoints/ folder, the model directory inside a HF hub cache folder
-    (models--org--name/snapshots/<revision>/, the revision refs/main names, else the newest); '' for any other
-    folder."""
+    (models--org--name/snapshots/<revision>/, the revision refs/main names, else the newest), the file a PEFT
+    adapter directory lacks where it holds the other; '' for any other folder."""
     if path.is_file():
         return f"; {path} is a file: give the directory holding it, {path.parent}"
     if not path.exists():
         return f"; {path} does not exist"
+    from lmforge.adapt.peft_format import CONFIG, WEIGHTS
+
+    halves = [(path / name).is_file() for name in (CONFIG, WEIGHTS)]
+    if any(halves):  # one file of a PEFT adapter directory (an unfinished copy or download)
+        have, lacks = (CONFIG, WEIGHTS) if halves[0] else (WEIGHTS, CONFIG)
+        return f"; {path} holds {have} but not {lacks}: a PEFT adapter directory needs both, fetch {lacks} too"
     if path.name == "checkpoints" and checkpoint_dirs(path.parent):
         return (f"; {path} is a run's checkpoints folder: give the run directory, {path.parent} (its newest "
                 f"checkpoint), or one checkpoint, {checkpoint_dirs(path.parent)[-1]}")

@@ -142,6 +142,19 @@ def test_a_file_or_a_missing_path_given_as_the_checkpoint_is_named(tmp_path):
         load_model(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("kept", ["adapter_config.json", "adapter_model.safetensors"])
+def test_half_a_peft_adapter_directory_names_the_file_it_lacks(tmp_path, kept):
+    """A PEFT adapter directory with one of its two files (an unfinished copy) said only 'no checkpoint found ...
+    or a HF model directory with config.json' (found 2026-12-07): the error names the missing file."""
+    from lmforge.checkpoint import load_model
+
+    (tmp_path / kept).write_text("{}")
+    lacks = ({"adapter_config.json", "adapter_model.safetensors"} - {kept}).pop()
+    with pytest.raises(CheckpointError, match=f"; {tmp_path} holds {kept} but not {lacks}: a PEFT adapter directory "
+                                              f"needs both, fetch {lacks} too$"):
+        load_model(tmp_path)
+
+
 def test_a_runs_checkpoints_folder_given_as_the_checkpoint_names_the_run(tmp_path):
     """A run's checkpoints/ folder said 'expected RUN/checkpoints/checkpoints/step_*/': the run directory (or one
     checkpoint) is named instead."""

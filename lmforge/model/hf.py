@@ -279,6 +279,7 @@ def load_pretrained(path, *, dtype: torch.dtype | str | None = None, device=None
     from lmforge.model.registry import build_model
 
     path, dtype = Path(path), float_dtype(dtype)
+    _refuse_lmforge_kinds(path)
     hf = read_hf_config(path)
     cfg = config_from_hf(hf)
     fam = family or family_of(hf)
@@ -317,6 +318,21 @@ def load_pretrained(path, *, dtype: torch.dtype | str | None = None, device=None
     model.eos_token_ids = _eos_ids(path, hf)  # the engine stops a sample at any of them
     model.bos_token_id = hf.get("bos_token_id", D.FAMILY_BOS.get(fam))  # (left out: the family's, as transformers)
     return model.eval()
+
+
+def _refuse_lmforge_kinds(path: Path) -> None:
+    """An lmforge checkpoint, run directory or PEFT adapter directory given to from_pretrained read as a HF config
+    without model_type ('model_type=None is not supported') or as no config.json at all: named, with the loader
+    that opens it."""
+    from lmforge.adapt.peft_format import is_peft_dir
+    from lmforge.checkpoint.store import checkpoint_dirs
+
+    kind = ("an lmforge checkpoint" if (path / "manifest.json").is_file() else
+            "an lmforge run directory" if checkpoint_dirs(path) else
+            "a PEFT adapter directory" if is_peft_dir(path) else None)
+    if kind:
+        raise CheckpointError(f"{path} is {kind}, not a HF-format model directory: open it with "
+                              "lmforge.checkpoint.load_model(path) or LLM.load(path), which read every kind")
 
 
 def shared_parameters(model: torch.nn.Module) -> list[tuple[str, str]]:

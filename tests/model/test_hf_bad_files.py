@@ -155,6 +155,23 @@ def test_half_a_peft_adapter_directory_names_the_file_it_lacks(tmp_path, kept):
         load_model(tmp_path)
 
 
+def test_from_pretrained_names_an_lmforge_checkpoint_run_or_peft_directory_and_its_loader(tmp_path):
+    """Transformer.from_pretrained on an lmforge checkpoint or run directory said 'config.json model_type=None
+    (architectures=[]) is not supported', on a PEFT adapter directory 'no config.json' (found 2026-12-07)."""
+    from lmforge.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "run", 1, Transformer(CFG))
+    (tmp_path / "peft").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "peft" / name).write_text("{}")
+    for path, kind in ((ckpt, "an lmforge checkpoint"), (tmp_path / "run", "an lmforge run directory"),
+                       (tmp_path / "peft", "a PEFT adapter directory")):
+        with pytest.raises(CheckpointError, match=f"^{path} is {kind}, not a HF-format model directory: open it with "
+                                                  r"lmforge\.checkpoint\.load_model\(path\) or LLM\.load\(path\)"):
+            Transformer.from_pretrained(path)
+
+
 def test_a_runs_checkpoints_folder_given_as_the_checkpoint_names_the_run(tmp_path):
     """A run's checkpoints/ folder said 'expected RUN/checkpoints/checkpoints/step_*/': the run directory (or one
     checkpoint) is named instead."""

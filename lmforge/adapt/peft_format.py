@@ -44,7 +44,7 @@ LEGACY_WEIGHTS = "adapter_model.bin"
 """what PEFT wrote before safetensors (a pickle: refused, with the one-line conversion)"""
 UNSUPPORTED = {"lora_bias": "LoRA biases", "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
                "alpha_pattern": "per-module lora_alpha (alpha_pattern)", "layer_replication": "layer_replication",
-               "trainable_token_indices": "trainable token indices", "target_parameters": "target_parameters",
+               "trainable_token_indices": "trainable token indices",
                "alora_invocation_tokens": "aLoRA (alora_invocation_tokens: the update only from the invocation "
                                           "tokens on)",
                "use_bdlora": "block-diagonal LoRA (use_bdlora)", "velora_config": "VeLoRA (velora_config)",
@@ -73,6 +73,7 @@ INERT = frozenset({
     # kept in full) shows in the tensors, which load_peft refuses; without tied weights it does nothing
     "ensure_weight_tying",
     "lora_alpha", "use_rslora", "use_dora", "bias", "init_lora_weights",  # what lmforge computes with, or checks
+    "target_parameters",
 })
 """adapter_config.json fields that change nothing lmforge computes once the tensors are loaded, or that
 `_peft_config` checks itself"""
@@ -94,6 +95,12 @@ PEFT_CANNOT_LOAD: dict[str, tuple[tuple[str, str], ...]] = {
 }
 """per family: lmforge LoRA layer names (regex) whose PEFT adapter transformers + PEFT would not load as written
 (found with transformers 5.25 and peft 0.21 by loading written directories; tests/test_export.py)"""
+
+
+V5_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {"mixtral": ((".mlp.", ".block_sparse_moe."),)}
+"""per family: (transformers-5 module name part, the checkpoint's) where transformers 5 renames modules as it loads
+a checkpoint (its conversion_mapping: Mixtral's block_sparse_moe is `mlp`), so a PEFT adapter trained on transformers 5
+names them so (model.layers.0.mlp.gate: the router)"""
 
 
 def peft_moe_targets(model_type: str) -> dict[str, str]:
@@ -342,6 +349,8 @@ def _lmforge_state(path: Path, tensors: dict, model, family: str, config: dict) 
     layers, state = {}, {}
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
+        for v5, v4 in V5_RENAMES.get(family, ()):  # a module named as transformers 5 names it, the file as v4 does
+            name = name.replace(v5, v4)
         module = name.rsplit(".", 2)[0]
         unwrapped = re.sub(r"\.base_layer(?=\.[^.]+$)", "", name)  # lm_head.base_layer.weight -> lm_head.weight
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
@@ -438,6 +447,12 @@ def _peft_config(path: Path) -> dict:
         raise ConfigError(f"{path / CONFIG}: r is {r!r}, not a positive integer; set it to the adapter's rank (the "
                           "first dimension of its lora_A tensors)")
     used = [what for key, what in UNSUPPORTED.items() if config.get(key)]
+    # a module's own 2-D weight adapted as a parameter (PEFT's lora.ParamWrapper; "gate.weight", what PEFT makes of
+    # a MoE router target on transformers 5) is B A added to that Linear's weight, as LoRA on the module; a fused
+    # 3-D expert weight (experts.gate_up_proj) is per-expert factors lmforge's LoRA layers do not compute
+    fused = [t for t in config.get("target_parameters") or () if not (isinstance(t, str) and t.endswith(".weight"))]
+    if fused:
+        used.append(f"target_parameters {fused} (fused MoE expert weights)")
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r}")
     init = config.get("init_lora_weights", True)

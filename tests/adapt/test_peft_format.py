@@ -191,6 +191,30 @@ def test_a_truncated_adapter_file_is_named_in_one_line(tmp_path, capsys):
     assert len(errors) == 1 and errors[0].startswith(f"lmforge generate: error: {f} is not a readable safetensors")
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_router_adapted_as_a_parameter_loads_as_peft_computes_it(tmp_path, family):
+    """PEFT on transformers 5 adapts a MoE router target ("gate") as its weight parameter (target_parameters
+    ["gate.weight"]: lora.ParamWrapper, B A added to that weight, as LoRA on the Linear), and names Mixtral's
+    block_sparse_moe `mlp`: such adapters were refused as target_parameters (found 2026-12-07), though lmforge's own
+    export of router adapters loads in PEFT. Fused expert weights stay refused."""
+    config_class, extra = {"mixtral": (transformers.MixtralConfig, {"num_local_experts": 4}),
+                           "qwen3_moe": (transformers.Qwen3MoeConfig, {"num_experts": 4, "moe_intermediate_size": 16,
+                                                                       "head_dim": 8})}[family]
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config_class(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts_per_tok=2, **extra)).save_pretrained(tmp_path / "base")
+    want = _adapter(tmp_path / "base", tmp_path / "ad", target_modules=["q_proj", "gate"])
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["target_parameters"] == ["gate.weight"]
+    model = load_model(tmp_path / "ad", tokenizer=False)[0]
+    assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5
+    fused = "mlp.experts.gate_up_proj"
+    _adapter(tmp_path / "base", tmp_path / "experts", target_modules=["q_proj"], target_parameters=[fused])
+    with pytest.raises(ConfigError, match=rf"uses target_parameters \['{re.escape(fused)}'\] \(fused MoE expert "
+                                          r"weights\), which lmforge's LoRA layers do not compute; merge"):
+        load_model(tmp_path / "experts", tokenizer=False)
+
+
 def test_a_peft_directory_loaded_in_bf16_keeps_its_adapters_fp32(tmp_path):
     """load_model(dtype=) casts a PEFT adapter's base, not its LoRA factors (they were cast with it), as the other
     checkpoint kinds load adapters over a half-precision model."""

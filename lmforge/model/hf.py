@@ -452,11 +452,13 @@ def init_buffers(model: torch.nn.Module) -> None:
 
 
 # saving ----------------------------------------------------------------------------------------------
-def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: str | None = None,
+def save_pretrained(model, path, *, dtype: torch.dtype | str | None = None, family: str | None = None,
                     max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and safetensors weights (sharded with an index above max_shard_bytes)."""
+    """Write config.json and safetensors weights (sharded with an index above max_shard_bytes). dtype: a torch
+    dtype or its name, as load_pretrained takes it (float_dtype); default the model's own."""
     from safetensors.torch import save_file
 
+    dtype = float_dtype(dtype)  # (a name reaching Tensor.to read as a device: 'Invalid device string')
     cfg = model.cfg
     fam = family or guess_family(cfg)
     if cfg.block != "sequential" or (cfg.mtp is not None and (fam != "deepseek_v3" or cfg.mtp.kind != "sequential")):

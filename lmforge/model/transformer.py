@@ -431,8 +431,11 @@ class Transformer(TrunkFront, nn.Module):
 
         return load_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path, *, dtype: torch.dtype | None = None) -> None:
-        """Write a HF-format directory that `transformers` loads (config.json + model.safetensors)."""
+    def save_pretrained(self, path, *, dtype: torch.dtype | str | None = None, family: str | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write a HF-format directory that `transformers` loads (config.json + model.safetensors, or shards of at
+        most max_shard_bytes with their index); family: the HF family to write (default: the one the config
+        matches)."""
         from lmforge.model.hf import save_pretrained
 
-        save_pretrained(self, path, dtype=dtype)
+        save_pretrained(self, path, dtype=dtype, family=family, max_shard_bytes=max_shard_bytes)

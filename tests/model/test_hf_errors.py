@@ -50,6 +50,19 @@ def test_sharded_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(Transformer.from_pretrained(tmp_path)(ids), model(ids))
 
 
+def test_save_pretrained_takes_a_dtype_by_name_and_the_shard_size(tmp_path):
+    """model.save_pretrained(dir, dtype='bfloat16') failed with torch's 'Invalid device string' though
+    from_pretrained takes dtype names; the shard size and family were not reachable from the model (2026-12-07)."""
+    model = Transformer(CFG).eval()
+    model.save_pretrained(tmp_path, dtype="bf16", family="mistral", max_shard_bytes=20_000)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["model_type"] == "mistral" and len(set(index["weight_map"].values())) > 1
+    back = Transformer.from_pretrained(tmp_path)
+    assert back.tok_emb.weight.dtype == torch.bfloat16
+    assert torch.equal(back.tok_emb.weight, model.tok_emb.weight.to(torch.bfloat16))
+
+
 def test_missing_unexpected_and_misshapen_tensors(ckpt):
     path, _ = ckpt
     name = "model.layers.1.self_attn.k_proj.weight"

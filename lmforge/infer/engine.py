@@ -131,7 +131,8 @@ class Engine:
         tok_vocab = getattr(tokenizer, "vocab_size", None)
         if tok_vocab is not None and tok_vocab > self.vocab_size:
             raise ConfigError(f"tokenizer vocab_size={tok_vocab} is larger than the model's vocab_size="
-                              f"{self.vocab_size}: this tokenizer was not made for this model")
+                              f"{self.vocab_size}: this tokenizer was not made for this model; give the model's own "
+                              "(the one saved with it, or --tokenizer / tokenizer= naming it)")
         self.vocab_limit = tok_vocab if tok_vocab is not None and tok_vocab < self.vocab_size else None
         self.special_ids = special_ids(tokenizer)  # left out of texts asking skip_special_tokens
         narrow = spec is not None and kv_dtype(config, spec) != spec.dtype  # a cache narrower than the model

@@ -234,6 +234,14 @@ def test_prompt_logprobs_must_be_non_negative():
         SamplingParams(prompt_logprobs=0, prompt_logprobs_start=0)
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused_naming_the_fix(tok):
+    """A tokenizer with more ids than the model's vocabulary is refused at the engine's start, and the line says
+    what to give instead (it named only the mismatch)."""
+    with pytest.raises(LmforgeError, match=r"tokenizer vocab_size=257 is larger than the model's vocab_size=64: .*"
+                                           r"give the model's own \(the one saved with it, or --tokenizer"):
+        Engine(tiny_model("llama", vocab_size=64), tok, EngineConfig(block_size=4))
+
+
 def test_prompt_logprobs_start_past_the_prompt_is_refused(tok):
     """A start past the prompt's last token gave no prompt log-probs at all, silently (request.py cut it to the
     prompt); the engine knows the prompt's length, so it refuses it naming both, and queues nothing."""

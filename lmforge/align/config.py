@@ -279,16 +279,22 @@ class ObjectiveSpec:
     config: type | None = None
     """the objective's options (its class's `Config`), given here so that `lmforge NAME --help` and a config file's
     check do not import the objective (and torch); None: the objective class's `Config`, imported with it"""
+    disable_dropout: bool = False
+    """the objective's default of PostTrainConfig.disable_dropout: switch every dropout of the policy off, as TRL's
+    trainer of the same loss does by default (DPO, KTO, ORPO/CPO, reward, GKD: on; SFT, GRPO, RLOO: off)"""
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
+    # disable_dropout: TRL 1.16's defaults (SFTConfig has none: dropout stays; DPOConfig, RewardConfig, KTOConfig,
+    # ORPOConfig and GKDConfig, whose generalised JSD lmforge.align.distill implements: True)
     "sft": ObjectiveSpec("lmforge.align.sft:SFTObjective", "sft", config=SFTConfig),
-    "dpo": ObjectiveSpec("lmforge.align.dpo:DPOObjective", "preference", config=DPOConfig),
+    "dpo": ObjectiveSpec("lmforge.align.dpo:DPOObjective", "preference", config=DPOConfig, disable_dropout=True),
     "rm": ObjectiveSpec("lmforge.align.reward:RewardObjective", "preference", wrap="lmforge.align.reward:SequenceHead",
-                        config=RewardConfig),
-    "distill": ObjectiveSpec("lmforge.align.distill:DistillObjective", "sft", config=DistillConfig),
-    "kto": ObjectiveSpec("lmforge.align.kto:KTOObjective", "kto", config=KTOConfig),
-    "orpo": ObjectiveSpec("lmforge.align.orpo:ORPOObjective", "preference", config=ORPOConfig),
+                        config=RewardConfig, disable_dropout=True),
+    "distill": ObjectiveSpec("lmforge.align.distill:DistillObjective", "sft", config=DistillConfig,
+                             disable_dropout=True),
+    "kto": ObjectiveSpec("lmforge.align.kto:KTOObjective", "kto", config=KTOConfig, disable_dropout=True),
+    "orpo": ObjectiveSpec("lmforge.align.orpo:ORPOObjective", "preference", config=ORPOConfig, disable_dropout=True),
 }
 
 
@@ -397,6 +403,10 @@ class PostTrainConfig(LoopConfig):
     """[lora] train LoRA adapters on the policy instead of all its weights (None: full fine-tuning); flags
     --lora.r, --lora.alpha, --lora.targets, --lora.dropout, --lora.trainable, --lora.rslora open it"""
     data: PostDataConfig = field(default_factory=PostDataConfig)
+    disable_dropout: bool | None = None
+    """switch every dropout of the policy off while it trains (nn.Dropout modules, LoRA's included, and attention's
+    dropout on its weights); None = the objective's default, as TRL's trainer: on for dpo, kto, orpo, rm and
+    distill, off for sft (ObjectiveSpec.disable_dropout). The checkpoints keep the init model's model.dropout"""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """[parallel] data-parallel layout over the processes (`--nproc N`): dp_shard (FSDP2) or dp_replicate (DDP)"""
 

@@ -26,6 +26,9 @@ adapter-only (LoRAConfig.save = "adapters", the default): the trained tensors an
 checksum as their base (lmforge.checkpoint.base_record), which load_model loads them onto; an init that
 held adapters of its own is recorded as merged, as start_model trains it. save = "full" writes every weight.
 
+Left open, disable_dropout is the objective's ObjectiveSpec.disable_dropout, TRL's default
+(drop_dropout: off for dpo, kto, orpo, rm, distill; kept for sft).
+
 The run directory holds metrics.jsonl, loss.png, metrics.png (reward margins, accuracies),
 data_report.json and checkpoints that LLM.load and `lmforge chat` open (config.json records the chat
 template).
@@ -254,6 +257,19 @@ def check_posttrain(cfg: PostTrainConfig) -> None:
         check_data_file(path)
 
 
+def drop_dropout(model: torch.nn.Module, cfg: PostTrainConfig) -> None:
+    """disable_dropout (None: the objective's ObjectiveSpec.disable_dropout, TRL's default): every dropout of the
+    policy set to 0, as TRL's disable_dropout_in_model (after the adapters: LoRA's too). Only the modules change:
+    model.cfg, which the checkpoints save, keeps the init's dropout (lmforge.model.dropout.set_dropout)."""
+    from lmforge.model.dropout import set_dropout
+
+    off = cfg.disable_dropout if cfg.disable_dropout is not None else objective_spec(cfg.objective).disable_dropout
+    if off and set_dropout(model, 0.0) and rank_and_world()[0] == 0:
+        why = ("disable_dropout = true" if cfg.disable_dropout else
+               f"{cfg.objective}'s default, as TRL's; disable_dropout = false keeps it")
+        print(f"dropout: off while training ({why})")
+
+
 def posttrain(cfg: PostTrainConfig):
     """Run one post-training objective as configured; returns the Trainer's TrainResult."""
     from lmforge.adapt.lora import lora_layers
@@ -298,6 +314,7 @@ def posttrain(cfg: PostTrainConfig):
     objective = build_objective(cfg, cfg.init, device, model, tok)  # frozen models: whole on every rank
     if spec.wrap and not own_head:
         model = resolve(spec.wrap)(model)
+    drop_dropout(model, cfg)
     model.train()
     model, train_src, runner = distribute(model, train_src, par, device=device, seq_len=cfg.data.seq_len,
                                           batch_size=cfg.data.batch_size)

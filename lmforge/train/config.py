@@ -31,6 +31,22 @@ def _check_paths(cfg, key: str) -> None:
                  + (" (--data.val with no value on a command line)" if key == "data" else "")))
 
 
+def check_seq_len(seq_len: int, model: ModelConfig, name: str = "model.max_seq_len",
+                  fix: str = "set model.max_seq_len >= {seq_len}", refusal: str = "") -> None:
+    """data.seq_len against the max_seq_len of the model it trains (`name` says which: pretraining's
+    model.max_seq_len, or post-training's init model). Learned positions have no row past max_seq_len: refused
+    (`refusal`: the end of its message). RoPE / NoPE train past it, but the engine serves no more: a warning whose
+    last clause is `fix` (formatted with seq_len)."""
+    if seq_len <= model.max_seq_len:
+        return
+    check(model.pos_emb in ("rope", "none"), f"data.seq_len={seq_len} exceeds {name}={model.max_seq_len}{refusal}")
+    from lmforge.errors import warn_caller
+
+    warn_caller(f"data.seq_len={seq_len} exceeds {name}={model.max_seq_len}: the model trains on {seq_len}-token "
+                f"windows, but its checkpoints serve a {model.max_seq_len}-token context; "
+                + fix.format(seq_len=seq_len))
+
+
 @dataclass(frozen=True, kw_only=True)
 class SourceConfig:
     """One named data source of a mixture (mid-training)."""
@@ -247,14 +263,7 @@ class TrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.data.seq_len <= self.model.max_seq_len or self.model.pos_emb in ("rope", "none"),
-              f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        if self.data.seq_len > self.model.max_seq_len:  # RoPE / NoPE train past it, but the engine serves no more
-            from lmforge.errors import warn_caller
-
-            warn_caller(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: the "
-                        f"model trains on {self.data.seq_len}-token windows, but its checkpoints serve a "
-                        f"{self.model.max_seq_len}-token context; set model.max_seq_len >= {self.data.seq_len}")
+        check_seq_len(self.data.seq_len, self.model)
         moe = any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))
         if moe and self.model.moe_cfg.top_k == 1 and self.model.moe_cfg.norm_topk:  # (HF Mixtral at top_k=1 too)
             from lmforge.errors import warn_caller

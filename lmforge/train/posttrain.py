@@ -54,6 +54,7 @@ from lmforge.align.config import (OBJECTIVES, ObjectiveSpec, PostTrainConfig, co
                                   data_kind, objective_spec, register_objective, resolve)
 from lmforge.align.data import build_sources
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.train.config import check_seq_len
 from lmforge.train.data import encode_alike
 from lmforge.train.distributed import distribute, join, rank_and_world, train_device
 from lmforge.utils import write_json_atomic
@@ -288,9 +289,8 @@ def posttrain(cfg: PostTrainConfig):
     merged = bool(lora_layers(model))  # start_model merges an init's adapters: a LoRA run's base is that model
     own_head = continues_head(model, cfg)
     mcfg = model.backbone.cfg if own_head else model.cfg
-    if cfg.data.seq_len > mcfg.max_seq_len and mcfg.pos_emb not in ("rope", "none"):
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the init model's max_seq_len={mcfg.max_seq_len} "
-                          f"({mcfg.pos_emb} positions); lower data.seq_len")
+    check_seq_len(cfg.data.seq_len, mcfg, "the init model's max_seq_len", refusal=f" ({mcfg.pos_emb} positions); "
+                  "lower data.seq_len", fix=f"lower data.seq_len to {mcfg.max_seq_len} to train on what it serves")
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok
     if tok is None:
         raise LmforgeError(f"{cfg.init} holds no tokenizer; set tokenizer = 'byte' or a tokenizer path")

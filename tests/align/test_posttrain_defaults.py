@@ -109,3 +109,11 @@ def test_disable_dropout_is_an_option_of_each_command():
                          cwd=post.REPO, timeout=120)
     assert "--disable-dropout {None,True,False}" in out.stdout and "TRL" in out.stdout
 
+
+def test_a_seq_len_past_the_init_models_max_seq_len_warns_as_pretraining_does(base, tmp_path, monkeypatch):
+    data = {**post._cfg(base, tmp_path, "sft").data.__dict__, "seq_len": 128}
+    with pytest.warns(UserWarning, match=r"^data.seq_len=128 exceeds the init model's max_seq_len=64: the model "
+                                         r"trains on 128-token windows, but its checkpoints serve a 64-token context; "
+                                         r"lower data.seq_len to 64"):
+        _started(monkeypatch, post._cfg(base, tmp_path / "run", "sft", data=data, plot=False))
+

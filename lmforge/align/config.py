@@ -20,6 +20,8 @@ from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.train.config import LoopConfig
 
+DEFAULT_TEMPLATE = "chatml"
+"""PostDataConfig.chat_template when neither data.template nor the init checkpoint names one"""
 PAIR_LOSSES = ("sigmoid", "ipo", "simpo")
 """DPOConfig.loss_type: the pairwise losses of lmforge.align.losses"""
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
@@ -212,8 +214,9 @@ class PostDataConfig:
     files (each gives its share), is held out"""
     val_fraction: float = 0.05
     """share of the training records held out for validation when `val` is empty"""
-    template: str = "chatml"
-    """chat template (chatml | llama3 | plain); its special tokens must be special tokens of the tokenizer"""
+    template: str = ""
+    """chat template (chatml | llama3 | plain); its special tokens must be special tokens of the tokenizer. '' = the
+    one the init checkpoint recorded (a fine-tuning run's), else chatml (chat_template)"""
     loss_on: Literal["assistant", "all"] = "assistant"
     """'assistant': loss on assistant turns / completions only; 'all': on every token"""
     seq_len: int = 512
@@ -236,6 +239,11 @@ class PostDataConfig:
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
         check(self.loss_on in ("assistant", "all"), f"data.loss_on must be 'assistant' or 'all', got {self.loss_on!r}")
+
+    def chat_template(self, recorded: str | None = None) -> str:
+        """The template the records render with: data.template, else `recorded` (the one the checkpoint the run
+        starts from recorded: posttrain passes it), else DEFAULT_TEMPLATE."""
+        return self.template or recorded or DEFAULT_TEMPLATE
 
 
 @dataclass(frozen=True)

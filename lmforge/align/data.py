@@ -651,7 +651,7 @@ def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, options:
     if not cfg.train:
         raise DataError("no training data: set data.train to one or more JSONL files")
     spec = data_kind(kind)
-    enc = Encoder(tokenizer, cfg.template, cfg.loss_on)
+    enc = Encoder(tokenizer, cfg.chat_template(), cfg.loss_on)  # (posttrain passes the template it resolved)
     items, report = load_records(cfg.train, enc, kind, cfg.seq_len, cfg.on_error, cfg.truncation)
     if cfg.val:
         val, report.val = load_records(cfg.val, enc, kind, cfg.seq_len, cfg.on_error, cfg.truncation)

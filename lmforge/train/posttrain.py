@@ -26,8 +26,8 @@ adapter-only (LoRAConfig.save = "adapters", the default): the trained tensors an
 checksum as their base (lmforge.checkpoint.base_record), which load_model loads them onto; an init that
 held adapters of its own is recorded as merged, as start_model trains it. save = "full" writes every weight.
 
-Left open, disable_dropout is the objective's ObjectiveSpec.disable_dropout, TRL's default
-(drop_dropout: off for dpo, kto, orpo, rm, distill; kept for sft).
+Left open, data.template is the init's recorded chat template (run_template) and disable_dropout the objective's
+ObjectiveSpec.disable_dropout, TRL's default (drop_dropout: off for dpo, kto, orpo, rm, distill; kept for sft).
 
 The run directory holds metrics.jsonl, loss.png, metrics.png (reward margins, accuracies),
 data_report.json and checkpoints that LLM.load and `lmforge chat` open (config.json records the chat
@@ -42,6 +42,7 @@ pipeline and context parallel are refused: the objectives call the model themsel
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,19 @@ def check_posttrain(cfg: PostTrainConfig) -> None:
         check_data_file(path)
 
 
+def run_template(cfg: PostTrainConfig) -> str:
+    """The chat template the run renders its records with (PostDataConfig.chat_template): data.template, else the
+    one its checkpoints recorded (a resumed run goes on as it started, e.g. one begun when chatml was the default),
+    else the one the init checkpoint recorded, else chatml. run_dir's config.json keeps data.template as given
+    (''), so a resume compares the same settings; each checkpoint's config.json records the template used."""
+    from lmforge.checkpoint import recorded_chat_template
+
+    if cfg.data.template:
+        return cfg.data.template
+    resumed = recorded_chat_template(cfg.run_dir) if cfg.resume else None
+    return cfg.data.chat_template(resumed or recorded_chat_template(cfg.init))
+
+
 def drop_dropout(model: torch.nn.Module, cfg: PostTrainConfig) -> None:
     """disable_dropout (None: the objective's ObjectiveSpec.disable_dropout, TRL's default): every dropout of the
     policy set to 0, as TRL's disable_dropout_in_model (after the adapters: LoRA's too). Only the modules change:
@@ -297,16 +311,18 @@ def posttrain(cfg: PostTrainConfig):
     if getattr(tok, "vocab_size", 0) > mcfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the init model's vocab_size is "
                           f"{mcfg.vocab_size}: it was not made for this model; use the model's own tokenizer")
+    template = run_template(cfg)
     recorded = recorded_chat_template(cfg.init)
-    if recorded and recorded != cfg.data.template and rank_and_world()[0] == 0:
+    if recorded and recorded != template and rank_and_world()[0] == 0:
         print(f"note: {cfg.init} was fine-tuned with chat template {recorded!r}, this run uses "
-              f"{cfg.data.template!r} (data.template); its checkpoints record {cfg.data.template!r} for lmforge chat")
+              f"{template!r} (data.template); its checkpoints record {template!r} for lmforge chat")
     refs = "reference" in inspect.signature(resolve(spec.path)).parameters
     # before the data: a LoRA target matching no layer stops the run at once
     lora = lora_under_head(cfg.lora, model) if spec.wrap and not own_head else cfg.lora
     model = start_model(model, lora, own_reference=refs and not cfg.reference)
     # the objective's options reach its data kind's batches (KTOConfig(kl=False) reads no mismatched rows: none built)
-    train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed, getattr(cfg, cfg.objective, None))
+    data = dataclasses.replace(cfg.data, template=template)
+    train_src, val_src, report = build_sources(data, tok, spec.data, cfg.seed, getattr(cfg, cfg.objective, None))
     run_dir = Path(cfg.run_dir)
     rank0 = rank_and_world()[0] == 0
     if rank0:
@@ -321,7 +337,7 @@ def posttrain(cfg: PostTrainConfig):
     optimizer = build_optimizer(model, cfg.optim)
     evaluator = ObjectiveEvaluator(objective, val_src.batches()[:cfg.eval_batches], runner) if val_src else None
     trainer = Trainer(model, optimizer, train_src, objective, config=cfg, evaluator=evaluator, tokenizer=tok,
-                      extra_meta={"objective": cfg.objective, "chat_template": cfg.data.template}, runner=runner,
+                      extra_meta={"objective": cfg.objective, "chat_template": template}, runner=runner,
                       base=adapter_base(cfg, merged))
     if rank0:  # once the run has started: a refused one leaves no directory (nor overwrites another run's report)
         run_dir.mkdir(parents=True, exist_ok=True)

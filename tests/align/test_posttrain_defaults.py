@@ -3,6 +3,7 @@ DPO/KTO/ORPO/RM/distillation as TRL's trainers, kept for SFT; disable_dropout ov
 init's recorded one, else chatml), and a warning for a data.seq_len past the init's max_seq_len (as pretraining's)."""
 
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -117,3 +118,27 @@ def test_a_seq_len_past_the_init_models_max_seq_len_warns_as_pretraining_does(ba
                                          r"lower data.seq_len to 64"):
         _started(monkeypatch, post._cfg(base, tmp_path / "run", "sft", data=data, plot=False))
 
+
+def _template_cfg(base, run, init, template=""):
+    data = {**post._cfg(base, run, "sft").data.__dict__, "template": template}
+    return post._cfg(base, run, "sft", init=str(init), data=data, max_steps=1, plot=False)
+
+
+def test_the_template_defaults_to_the_one_the_init_recorded_else_chatml(base, tmp_path):
+    plain = _resaved(base, tmp_path / "plain", extra={"chat_template": "plain"})
+    assert PT.run_template(_template_cfg(base, tmp_path / "a", base / "base")) == "chatml"  # none recorded
+    assert PT.run_template(_template_cfg(base, tmp_path / "b", plain)) == "plain"
+    assert PT.run_template(_template_cfg(base, tmp_path / "c", plain, "llama3")) == "llama3"  # given: it wins
+    # the byte tokenizer has no chatml markers: a run from `plain` trains on its template and records it
+    PT.posttrain(_template_cfg(base, tmp_path / "run", plain))
+    saved = json.loads((ckpt.checkpoint_dirs(tmp_path / "run")[-1] / "config.json").read_text())
+    assert saved["chat_template"] == "plain" and ckpt.recorded_chat_template(tmp_path / "run") == "plain"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["data"]["template"] == ""
+
+
+def test_a_resumed_run_keeps_the_template_its_checkpoints_recorded(base, tmp_path):
+    plain = _resaved(base, tmp_path / "plain", extra={"chat_template": "plain"})
+    _resaved(base, tmp_path / "run", extra={"chat_template": "chatml", "objective": "sft"})  # begun under chatml
+    assert PT.run_template(_template_cfg(base, tmp_path / "run", plain)) == "chatml"
+    fresh = dataclasses.replace(_template_cfg(base, tmp_path / "run", plain), resume=False)
+    assert PT.run_template(fresh) == "plain"

@@ -12,8 +12,18 @@ from lmforge.errors import ConfigError
 
 def test_stdlib_corpus_is_real_python():
     docs = stdlib_corpus(200_000)
-    assert sum(len(d.encode()) for d in docs) >= 200_000
+    assert 199_000 <= sum(len(d.encode()) for d in docs) <= 200_000
     assert sum(d.count("def ") for d in docs) > 100
+
+
+def test_stdlib_corpus_is_the_size_asked_for():
+    """--corpus-mb 0.1 used 0.33 MB: whole files were added until the size was passed, and the 11th file is
+    228 kB. The last file is now cut at a line end, so the corpus is the size asked for (within a line)."""
+    for max_bytes in (1_000, 100_000, 500_000):
+        docs = stdlib_corpus(max_bytes)
+        assert max_bytes - 1_000 <= sum(len(d.encode()) for d in docs) <= max_bytes
+        assert all(d.endswith("\n") for d in docs)
+    assert len(stdlib_corpus(10)) == 1  # below one line: the first line, not an empty corpus
 
 
 def test_demo_runs_and_loss_falls(tmp_path, capsys):

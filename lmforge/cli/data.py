@@ -86,14 +86,18 @@ def read_hint(report: dict, text_key: str, out_dir: str) -> str:
 
 def token_line(out_dir: str) -> str:
     """Where the run's token shards are and how to train on them (the tokenize stage's out_dir, which the run
-    claims for itself), or "" for a run that wrote none; the run named only its kept documents and report."""
+    claims for itself), or "" for a run that wrote none; the run named only its kept documents and report. The
+    command sizes the model's vocabulary to the shards' tokenizer: the default model's 32,000 rows would train
+    and sample ids a byte tokenizer (257) does not have."""
+    from lmforge.data.shards import TokenFile
     from lmforge.data.tokenize import recorded_token_files
 
     shards = [p for p in recorded_token_files(out_dir) if p.is_file()]
     if not shards:
         return ""
-    folder = shards[0].parent
-    return f"token shards: {len(shards)} in {folder}; train on them: lmforge train --data.train {folder}/*.bin"
+    folder, vocab = shards[0].parent, max(TokenFile(p).vocab_size for p in shards)
+    return (f"token shards: {len(shards)} in {folder}; train on them: lmforge train --data.train {folder}/*.bin "
+            f"--model.vocab-size {vocab}")
 
 
 def reuse_line(report: dict, out_dir: str) -> str:

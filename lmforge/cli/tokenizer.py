@@ -110,11 +110,14 @@ def train(argv: list[str]) -> int:
                     progress=a.progress, stats=stats)
     path = tok.save(a.out)
     writers = {"hf": tok.save_hf, "gpt2": tok.save_gpt2, "tiktoken": tok.save_tiktoken}  # each into --out
+    exported = ""
     for fmt in a.export:
         writers[fmt](a.out)
+        written = [str(path.parent / n) for n in EXPORT_FILES[fmt] if (path.parent / n).is_file()]
+        exported += f"; --export {fmt}: {', '.join(written)}"
     print(f"trained {tok.vocab_size} tokens ({len(tok.merges)} merges) on {stats['bytes']:,} bytes in "
           f"{len(files)} file(s), {stats['distinct_pretokens']:,} distinct pre-tokens, "
-          f"{time.perf_counter() - t0:.1f}s -> {path}")
+          f"{time.perf_counter() - t0:.1f}s -> {path}{exported}")
     if stats["undecodable_bytes"]:
         print(undecodable_note(stats["undecodable_bytes"], kept=False))
     return 0

@@ -327,6 +327,19 @@ def test_train_refuses_an_out_holding_exports_it_would_leave_stale(tmp_path, cap
     assert len(new) > 270 - 257
 
 
+def test_train_names_the_files_its_exports_wrote(tmp_path, capsys):
+    """`--export hf` wrote tokenizer.json and tokenizer_config.json, but the closing line named only
+    lmforge_tokenizer.json: nothing said where the HF files were, or that they were written."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat and the dog sat on the log\n" * 50)
+    out = tmp_path / "tok"
+    assert lmforge_main(["tokenizer", "train", "--input", str(corpus), "--out", str(out), "--workers", "1",
+                         "--progress", "False", "--vocab-size", "270", "--export", "hf", "tiktoken"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.endswith(f"-> {out / 'lmforge_tokenizer.json'}; --export hf: {out / 'tokenizer.json'}, "
+                         f"{out / 'tokenizer_config.json'}; --export tiktoken: {out / 'bpe.tiktoken'}"), line
+
+
 def test_tokenizer_train_help_says_how_many_workers_it_takes_by_default(tmp_path, monkeypatch, capsys):
     """`lmforge tokenizer train --help` said --workers None is "every core"; pre-token counting takes one per core up
     to 8 (train.MAX_DEFAULT_WORKERS): on 32 cores, 8 workers. The help says what the code does."""

@@ -452,8 +452,8 @@ class ModelConfig:
         """nanochat's single dial: d_model = 64·depth, Llama-style blocks with ReLU² and QK-norm.
         Heads are 128 wide when the width allows (even depth), else 64: on Hopper GPUs flash
         attention runs markedly faster with 128-wide heads."""
-        check(depth >= 1, f"depth must be >= 1, got {depth}")
         check(isinstance(depth, int) and not isinstance(depth, bool), f"depth must be an int, got {depth!r}")
+        check(depth >= 1, f"depth must be >= 1, got {depth}")
         width = overrides.get("d_model", 64 * depth)  # heads follow a d_model / head_dim given with the depth
         hd = overrides.get("head_dim") or (128 if width % 128 == 0 else 64)
         base = dict(d_model=64 * depth, n_layers=depth, n_heads=max(1, width // hd), head_dim=hd, activation="relu2",

@@ -183,6 +183,15 @@ class TrunkFront:
 
 
 class Transformer(TrunkFront, nn.Module):
+    """The decoder-only LM of one ModelConfig (GPT-2 and Llama styles, MLA, MoE, sliding windows, MTP heads).
+
+        model = Transformer(ModelConfig.from_depth(2, vocab_size=257))
+        logits = model(torch.tensor([[1, 2, 3]]))            # (B, T, vocab_size)
+        model = Transformer.from_pretrained("path/to/hf_dir")  # a HF checkpoint (hf.py)
+
+    forward(input_ids, positions=None, cache=None, meta=None) returns logits (see forward); num_params() counts
+    the weights; the engine (lmforge.infer) serves it through its cache seam (cache_spec)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not isinstance(cfg, ModelConfig):

@@ -35,7 +35,9 @@ class ByteTokenizer:
     invalid UTF-8 and unknown ids (negative, or past the specials) become U+FFFD, as in the BPE Tokenizer."""
 
     def __init__(self, special_tokens: tuple[str, ...] | list[str] = ("<|endoftext|>",)):
-        self.special_tokens = list(special_tokens)
+        from lmforge.tokenizer.pretokenize import check_specials
+
+        self.special_tokens = check_specials(special_tokens)  # ("<|eot|>" alone was seven one-character specials)
         self.special_ids = {s: 256 + i for i, s in enumerate(self.special_tokens)}
 
     @property

@@ -168,3 +168,22 @@ def test_a_meta_build_fills_no_tensor(monkeypatch):
     assert calls == []
     Transformer(cfg)
     assert calls and not any(calls)
+
+
+def test_transformer_has_its_own_docstring_whose_example_runs():
+    """help(Transformer) showed its parent's text ("The front of the trunk..."): the class says what it is, and the
+    two lines of its example that need no files run as written."""
+    import lmforge.model.transformer as T
+
+    doc = T.Transformer.__doc__
+    assert doc and doc != T.TrunkFront.__doc__ and doc.startswith("The decoder-only LM")
+    model = T.Transformer(T.ModelConfig.from_depth(2, vocab_size=257))
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 257)
+
+
+def test_from_depth_refuses_a_depth_of_another_type_in_one_line():
+    """from_depth("2") compared the string with 1 first: a bare TypeError, not the one-line error."""
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="depth must be an int, got '2'"):
+        ModelConfig.from_depth("2")

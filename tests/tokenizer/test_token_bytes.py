@@ -31,3 +31,18 @@ def test_ids_that_are_no_token_stream_as_replacement_characters(tok):
     assert "\ufffd" not in "".join(pieces[:-3])  # a character split across tokens is held back, not replaced
     if hasattr(tok, "decode_bytes"):  # the BPE tokenizer: every id's bytes as decode gives them
         assert all(tok.token_bytes(i) == tok.decode_bytes([i]) for i in range(tok.vocab_size))
+
+
+def test_byte_tokenizer_checks_its_special_tokens_as_bpe_training_does():
+    """ByteTokenizer(special_tokens="<|eot|>") made seven one-character specials (vocab 263, '|' twice, no end of
+    text): the specials go through check_specials, train_bpe's check."""
+    import pytest
+
+    from lmforge.errors import ConfigError
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    with pytest.raises(ConfigError, match=r"got the single string '<\|eot\|>': pass \['<\|eot\|>'\]"):
+        ByteTokenizer(special_tokens="<|eot|>")
+    with pytest.raises(ConfigError, match="special token '<a>' is given twice"):
+        ByteTokenizer(("<a>", "<a>"))
+    assert ByteTokenizer(("<|endoftext|>", "<pad>")).vocab_size == 258

@@ -9,6 +9,7 @@ Run directory layout (output.dir):
     _work/p<phase>/<shard>.done.json   completion marker + that shard's statistics
     _token_files/<shard>.bin.json      a token shard the tokenize stage writes, recorded before it is written
     report.json / report.md / report.png
+    .lock                              held by the run writing here (`output_dir_lock`): one run at a time
 
 and in the tokenize stage's out_dir (wherever it lies) .lmforge-owner.json, naming the output.dir of the run that
 writes its token shards there (a run with another output.dir is refused: `check_token_dirs`).
@@ -25,9 +26,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lmforge.data.accounting import (apply_stage, balance, duplicate_ids, merge_stats, read_stage, record_outcome,
                                      stage_record)
@@ -40,6 +42,7 @@ from lmforge.data.stage import StageContext
 from lmforge.data.tokenize import OWNER, RECORDS, claim_token_dir, recorded_token_files
 from lmforge.data.writers import write_docs, write_jsonl
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.train.rundir import RunDirLock
 from lmforge.utils import check_output_path, process_pool, read_record, remove_stale_temps, write_json_atomic
 
 
@@ -277,7 +280,30 @@ def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
     return json.loads(json.dumps(mine))
 
 
-def _check_run_dir(cfg: PipelineConfig, restart: bool = False
+@contextmanager
+def output_dir_lock(cfg: PipelineConfig) -> Iterator[RunDirLock]:
+    """The lock on output.dir that a run takes (`_check_run_dir`, once the checks that write nothing passed) and
+    holds to its end: `RunDirLock`, training's run_dir lock (flock on output.dir/.lock; the kernel drops it when the
+    process dies, so a kill -9 leaves no stale lock). Two runs in one output.dir at once (a pipeline started twice,
+    a resume while the first still ran) removed the phase files each other was reading: those shards read as
+    `read_error:io` and their kept documents were lost."""
+    lock = RunDirLock(Path(cfg.output.dir))
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _hold_output_dir(lock: RunDirLock, root: Path) -> None:
+    try:
+        lock.acquire()
+    except ConfigError:  # (its message speaks of training)
+        holder = lock.path.read_text(errors="replace").strip() or "unknown"
+        raise ConfigError(f"output.dir {str(root)!r} is in use by another pipeline run (PID {holder}); wait for it "
+                          "to end or stop it, or choose a new output.dir") from None
+
+
+def _check_run_dir(cfg: PipelineConfig, restart: bool = False, lock: RunDirLock | None = None
                    ) -> tuple[dict[str, list[Path]], dict[str, list[list]]]:
     """Check that output.dir and the token directory can be written (`check_token_dirs`), the optional packages
     the pipeline needs, each stage's own check (`check_stages`: its model files and labels), then that output.dir
@@ -302,6 +328,8 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False
         raise ConfigError(f"output.dir {root} lies inside the input directory {holder}: a rerun (a resume, "
                           "--restart) would read this run's files as inputs; choose an output.dir outside it")
     orphan = None if saved.is_file() else _orphan_output(cfg)
+    if lock is not None:  # before the first file is removed or written
+        _hold_output_dir(lock, root)
     if restart:
         remove_token_files(root)  # before the records that name them go with the run's entries
         for entry in run_entries(cfg):  # only what a run writes: other files in the directory stay
@@ -411,33 +439,34 @@ def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
     A map phase resumes shard by shard; a global phase is all-or-nothing (it needs every document), so a
     run killed inside one redoes that phase. `restart` discards an earlier run in output.dir. A stage that rejected
     every document as an error fails the run once the report is written (`check_stage_errors`)."""
-    shards, fixed = _check_run_dir(cfg, restart)
-    layout = RunLayout(cfg)
-    remove_stale_temps(_outputs(cfg, layout, list(shards)))
-    all_stats: list[dict[str, Any]] = []
-    skipped = processed = 0
-    for p, phase in enumerate(phases(cfg.built_stages())):
-        done = {s: read_run_json(layout.marker(p, s)) for s in shards if layout.marker(p, s).is_file()}
-        desc = f"phase {p + 1}/{layout.n_phases} [{', '.join(spec.name for spec, _ in phase) or 'copy'}]"
-        if len(done) == len(shards):
-            skipped += len(shards)
-        elif phase and phase[0][0].kind == "global":
-            processed += len(shards)
-            done = {st["shard"]: st for st in run_global_phase(cfg, p, shards, fixed, desc)}
-        else:
-            skipped += len(done)
-            processed += len(shards) - len(done)
-            done = _run_map_phase(cfg, p, shards, done, desc, fixed)
-        all_stats += [done[s] for s in shards]
-        if p > 0:  # phase p is complete, also when an earlier run finished it: its input documents go
-            for s in shards:
-                layout.live(p - 1, s).unlink(missing_ok=True)
-    kept = sum(st["kept"] for st in all_stats if st["phase"] == layout.n_phases - 1)
-    report = build_report(all_stats, kept, layout.root / "data")
-    report["shards"] = {"total": len(shards), "processed": processed, "skipped": skipped}
-    write_report(report, layout.root, cfg.output.plot)
-    check_stage_errors(report, layout.root)
-    return report
+    with output_dir_lock(cfg) as lock:
+        shards, fixed = _check_run_dir(cfg, restart, lock)
+        layout = RunLayout(cfg)
+        remove_stale_temps(_outputs(cfg, layout, list(shards)))
+        all_stats: list[dict[str, Any]] = []
+        skipped = processed = 0
+        for p, phase in enumerate(phases(cfg.built_stages())):
+            done = {s: read_run_json(layout.marker(p, s)) for s in shards if layout.marker(p, s).is_file()}
+            desc = f"phase {p + 1}/{layout.n_phases} [{', '.join(spec.name for spec, _ in phase) or 'copy'}]"
+            if len(done) == len(shards):
+                skipped += len(shards)
+            elif phase and phase[0][0].kind == "global":
+                processed += len(shards)
+                done = {st["shard"]: st for st in run_global_phase(cfg, p, shards, fixed, desc)}
+            else:
+                skipped += len(done)
+                processed += len(shards) - len(done)
+                done = _run_map_phase(cfg, p, shards, done, desc, fixed)
+            all_stats += [done[s] for s in shards]
+            if p > 0:  # phase p is complete, also when an earlier run finished it: its input documents go
+                for s in shards:
+                    layout.live(p - 1, s).unlink(missing_ok=True)
+        kept = sum(st["kept"] for st in all_stats if st["phase"] == layout.n_phases - 1)
+        report = build_report(all_stats, kept, layout.root / "data")
+        report["shards"] = {"total": len(shards), "processed": processed, "skipped": skipped}
+        write_report(report, layout.root, cfg.output.plot)
+        check_stage_errors(report, layout.root)
+        return report
 
 
 def check_stage_errors(report: dict[str, Any], root: Path) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 
 from lmforge.data.accounting import apply_stage, read_stage
 from lmforge.data.document import Document
-from lmforge.data.executor import _check_run_dir, build_report, check_stage_errors, run_entries, stage_labels
+from lmforge.data.executor import (_check_run_dir, build_report, check_stage_errors, output_dir_lock, run_entries,
+                                   stage_labels)
 from lmforge.data.pipeline import (PipelineConfig, check_stage_files, make_shards, phases, read_inputs,
                                    release_checked_models, stage_files)
 from lmforge.data.report import write_report
@@ -217,31 +218,32 @@ def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -
     per-shard markers, so it cannot resume: an output.dir holding an earlier run's output is refused (every
     document would be written a second time beside it) unless `restart` removes that run first."""
     ray = require("ray", "ray")
-    _, fixed = _check_run_dir(cfg, restart)
-    release_checked_models()  # Ray's workers load their own
-    earlier = [e for e in run_entries(cfg) if e.is_dir() and e.name != "_work" and any(e.iterdir())]
-    if earlier:
-        raise ConfigError(f"{cfg.output.dir} holds an earlier run's output ({earlier[0]}), and the Ray executor "
-                          "cannot resume one; rerun with --restart to redo it, or choose a new output.dir")
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=False)
-    try:
-        stats = _run_dataset(ray, cfg, batch_size, fixed)
-    except Exception as e:
-        found = _task_error(e)
-        if found is None:
-            raise
-        raise found from None
-    check_stage_files(cfg, fixed, cfg.output.dir, done=None)  # the driver's files (the workers hold to their own)
-    kept = sum(s.get("kept", 0) for s in stats if s["phase"] == -1)
-    # the read rows share phase 0 with the first map phase's and may come back after them: read first, so the
-    # report lists the stages in pipeline order whatever the batching
-    rows = sorted((s for s in stats if s["phase"] >= 0),
-                  key=lambda s: (s["phase"], not any(r["name"] == "read" for r in s["stages"])))
-    records = [{"phase": s["phase"], "shard": f"{i:08d}", "stages": s["stages"], "counters": s["counters"]}
-               for i, s in enumerate(rows)]
-    report = build_report(records, kept, Path(cfg.output.dir) / "data")
-    report["executor"] = "ray"
-    write_report(report, cfg.output.dir, cfg.output.plot)
-    check_stage_errors(report, Path(cfg.output.dir))
-    return report
+    with output_dir_lock(cfg) as lock:
+        _, fixed = _check_run_dir(cfg, restart, lock)
+        release_checked_models()  # Ray's workers load their own
+        earlier = [e for e in run_entries(cfg) if e.is_dir() and e.name != "_work" and any(e.iterdir())]
+        if earlier:
+            raise ConfigError(f"{cfg.output.dir} holds an earlier run's output ({earlier[0]}), and the Ray executor "
+                              "cannot resume one; rerun with --restart to redo it, or choose a new output.dir")
+        if not ray.is_initialized():
+            ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=False)
+        try:
+            stats = _run_dataset(ray, cfg, batch_size, fixed)
+        except Exception as e:
+            found = _task_error(e)
+            if found is None:
+                raise
+            raise found from None
+        check_stage_files(cfg, fixed, cfg.output.dir, done=None)  # the driver's files (the workers hold to their own)
+        kept = sum(s.get("kept", 0) for s in stats if s["phase"] == -1)
+        # the read rows share phase 0 with the first map phase's and may come back after them: read first, so the
+        # report lists the stages in pipeline order whatever the batching
+        rows = sorted((s for s in stats if s["phase"] >= 0),
+                      key=lambda s: (s["phase"], not any(r["name"] == "read" for r in s["stages"])))
+        records = [{"phase": s["phase"], "shard": f"{i:08d}", "stages": s["stages"], "counters": s["counters"]}
+                   for i, s in enumerate(rows)]
+        report = build_report(records, kept, Path(cfg.output.dir) / "data")
+        report["executor"] = "ray"
+        write_report(report, cfg.output.dir, cfg.output.plot)
+        check_stage_errors(report, Path(cfg.output.dir))
+        return report

@@ -84,6 +84,31 @@ def test_killed_restart_keeps_pipeline_json_and_the_rerun_refuses_stale_markers(
     assert _files(tmp_path / "run") == _fresh(tmp_path, inputs)
 
 
+def test_a_second_run_into_an_output_dir_in_use_is_refused_and_removes_nothing(tmp_path):
+    """A pipeline started twice into one output.dir (a second terminal, a resume while the first still ran): each
+    removed the phase files the other was reading, whose shards then read as `read_error:io`, and the kept documents
+    of four shards were lost (an empty data file each; the report NOT BALANCED). The second run is refused in one
+    line while the first holds output.dir, --restart too (it would remove the first run's files under it)."""
+    import fcntl
+
+    inputs = _inputs(tmp_path / "in")
+    p = _pipeline(tmp_path, inputs)
+    run_local(load_pipeline(p))
+    before = _files(tmp_path / "run")
+    with open(tmp_path / "run" / ".lock", "a+") as held:  # what the first run's process holds while it runs
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)  # (the PID of the run before)
+        held.write("4242\n")
+        held.flush()
+        for restart in (False, True):
+            with pytest.raises(ConfigError, match=r"output.dir '.*run' is in use by another pipeline run \(PID 4242\); "
+                                                  r"wait for it to end or stop it, or choose a new output.dir"):
+                run_local(load_pipeline(p), restart=restart)
+        assert _files(tmp_path / "run") == before
+    assert run_local(load_pipeline(p))["shards"] == {"total": 3, "processed": 0, "skipped": 9}
+    assert run_local(load_pipeline(p), restart=True)["shards"]["processed"] == 9  # released by each run's end
+
+
 def test_markers_without_pipeline_json_are_refused_until_restart(tmp_path):
     """What an older lmforge's --restart, killed after removing pipeline.json, left: markers of other inputs."""
     inputs = _inputs(tmp_path / "in")
@@ -153,8 +178,8 @@ def test_rerun_removes_killed_writers_temporaries_and_nothing_else(tmp_path, mon
     for f in others:
         f.unlink()
     assert _files(run) == _fresh(tmp_path, inputs)
-    assert sorted(f.name for f in run.iterdir()) == ["_token_files", "_work", "data", "pipeline.json", "rejected",
-                                                     "report.json", "report.md", "report.png", "tokens"]
+    assert sorted(f.name for f in run.iterdir()) == [".lock", "_token_files", "_work", "data", "pipeline.json",
+                                                     "rejected", "report.json", "report.md", "report.png", "tokens"]
 
 
 def test_report_png_appears_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
-from lmforge.data.readers import BOMS
+from lmforge.data.readers import BOMS, looks_binary
 from lmforge.data.stage import StageContext
 from lmforge.errors import LmforgeError, require
 
@@ -87,16 +87,6 @@ def detect_charset(raw: bytes, content_type: str | None = None) -> str:
             name = "utf-8"
         return codecs.lookup(name).name
     return enc.detect_encoding(raw) or "utf-8"
-
-
-def looks_binary(raw: bytes) -> bool:
-    """True for bytes that are no text page: NUL bytes or many control characters in the first 4 KiB
-    (images, archives, PDFs renamed .html). UTF-16 pages with a byte-order mark are text."""
-    head = raw[:4096]
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return False
-    control = sum(head.count(bytes([c])) for c in (*range(0, 9), 11, 12, *range(14, 32)))
-    return b"\0" in head or control > len(head) // 20
 
 
 # A response declaring a type other than HTML (a crawl's PDFs, JSON, scripts, feeds, images) is no page (datatrove's

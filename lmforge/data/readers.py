@@ -106,7 +106,8 @@ class _ZstdFrames(io.RawIOBase):
 
 
 class NotCompressed(CorruptArchive):
-    """A file named as compressed (.gz, .zst) whose bytes are not: a plain file with the wrong name."""
+    """A file whose name and bytes disagree on its compression: named as compressed (.gz, .zst) and plain, or
+    compressed and named plain (`_check_magic`); the fix is a rename."""
 
 
 # what a damaged or cut compressed file raises while it is read: gzip's EOFError/BadGzipFile/zlib.error, ours
@@ -126,13 +127,21 @@ def _opens_as(head: bytes, codec: str) -> bool:
     return codec == "zstd" and 0x50 <= head[0] <= 0x5F and head[1:4] == b"\x2a\x4d\x18"[:len(head) - 1]
 
 
-def _check_magic(path: Path, codec: str) -> None:
+def _check_magic(path: Path, codec: str | None) -> None:
     """Raise NotCompressed for a file whose name says `codec` and whose first bytes say otherwise, which the
     decompressor would report as damage ("BadGzipFile: Not a gzipped file") when renaming is the fix: to the
     suffix of the codec its bytes do open (gzip named .zst), else with the suffix dropped. An empty file, or one
-    shorter than the magic number that matches as far as it goes, is left to the decompressor."""
+    shorter than the magic number that matches as far as it goes, is left to the decompressor. A file named plain
+    (codec None) whose first 4 bytes open a gzip or zstd stream is told to take that codec's suffix: read as it is,
+    its compressed bytes were a `bad_json` record per "line", or a document of them kept."""
     with open(path, "rb") as f:
         head = f.read(4)  # (shown in the message)
+    if codec is None:
+        found = next((c for c in MAGIC if len(head) == 4 and _opens_as(head, c)), None)
+        if found is not None:
+            raise NotCompressed(f"{path}: {found}-compressed, but its name says plain (it starts with {head!r}); "
+                                f"rename it to {path.name + SUFFIX[found]}")
+        return
     if not head or _opens_as(head, codec):
         return
     base = path.name[: -len(path.suffix)]
@@ -156,8 +165,7 @@ def open_binary(path: str | Path) -> BinaryIO:
     as compressed raises NotCompressed here."""
     path = Path(path)
     codec = compression(path)
-    if codec is not None:
-        _check_magic(path, codec)
+    _check_magic(path, codec)
     if codec == "gzip":
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if codec == "zstd":
@@ -171,6 +179,16 @@ def open_binary(path: str | Path) -> BinaryIO:
 # with one: read as UTF-8 it became a NUL between every two characters, kept as a document.
 BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
 _BOM_STARTS = frozenset(bom[:1] for bom, _ in BOMS)
+
+
+def looks_binary(raw: bytes) -> bool:
+    """True for bytes that are no text: NUL bytes or many control characters in the first 4 KiB (images,
+    archives, PDFs, token ids renamed .html or .txt). UTF-16 text with a byte-order mark is text."""
+    head = raw[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return False
+    control = sum(head.count(bytes([c])) for c in (*range(0, 9), 11, 12, *range(14, 32)))
+    return b"\0" in head or control > len(head) // 20
 
 
 def _windows_1252_char(b: int) -> str:
@@ -227,6 +245,14 @@ def _error_doc(path: Path, where: str, reason: str, err: BaseException | None = 
     return Document(id=stable_id(str(path), where, reason), meta=meta, drop=f"read_error:{reason}")
 
 
+def _binary_doc(path: Path) -> Document:
+    """The one `read_error:binary` record of a text or JSON Lines file whose bytes are no text (`looks_binary`)."""
+    doc = _error_doc(path, "file", "binary")
+    doc.meta["error"] = (f"{path}: not text (NUL or control bytes in its first 4 KiB: binary data); leave it out of "
+                         "input.paths")
+    return doc
+
+
 def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
     """Plain text: the whole file is one document (unit="file"), or one per line / blank-line paragraph. A
     compressed file cut short is a `read_error` after the lines (paragraphs) read before the cut, the last of them
@@ -247,7 +273,11 @@ def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
     if cut is not None and unit == "file":
         yield _error_doc(path, "file", archive_reason(cut), cut)
         return
-    text, bad = decode_text(b"".join(parts))
+    data = b"".join(parts)
+    if looks_binary(data):  # decoded, it was a document of control characters, kept
+        yield _binary_doc(path)
+        return
+    text, bad = decode_text(data)
     if unit != "file":  # Windows line ends split like Unix ones
         text = unix_line_ends(text)
     pieces = [text] if unit == "file" else (text.split("\n") if unit == "line" else text.split("\n\n"))
@@ -330,13 +360,32 @@ def json_records(path: str | Path, decode: Callable[[bytes], tuple[str, int]] = 
             yield _parse(f"line {lineno}", str(lineno), line, decode)
 
 
+def _head(path: Path, n: int = 4096) -> bytes:
+    """The first n bytes of a file, decompressed, as far as they read: a cut or damage among them is reported where
+    the records reach it (the records before it are kept)."""
+    parts: list[bytes] = []
+    with open_binary(path) as f:
+        try:
+            while n > 0 and (chunk := f.read1(n)):
+                parts.append(chunk)
+                n -= len(chunk)
+        except ARCHIVE_ERRORS:
+            pass
+    return b"".join(parts)
+
+
 def read_jsonl(path: str | Path, *, text_key: str = "text", id_key: str = "id") -> Iterator[Document]:
     """JSON Lines, or a `.json` file holding one JSON array, read by `json_records`. Other top-level keys go into
-    `meta`. A record without the text field is `read_error:missing_text`."""
+    `meta`. A record without the text field is `read_error:missing_text`. A file whose first record does not parse
+    and whose head is binary (`looks_binary`) is one `read_error:binary` record: not a `bad_json` record per "line"
+    of its bytes, as many as they happened to hold."""
     path = Path(path)
     where = "line 0"
     try:
         for rec in json_records(path):
+            if rec.error is not None and where == "line 0" and looks_binary(_head(path)):
+                yield _binary_doc(path)  # (the head read again only here: a good file is read once)
+                return
             where = rec.where
             if rec.error is not None:
                 yield _error_doc(path, rec.where, "bad_json", rec.error)

@@ -90,6 +90,44 @@ def test_a_zstd_stream_opening_with_a_skippable_frame_reads_and_a_misnamed_codec
     assert doc.meta["error"].endswith("gzip-compressed, not zstd as its name says (it starts with "
                                       f"{gzip.compress(ROWS)[:4]!r}); rename it to wrong.jsonl.gz")
 
+@pytest.mark.parametrize("name", ["gz.jsonl", "gz.txt", "zst.jsonl"])
+def test_a_compressed_file_named_plain_is_one_read_error_told_to_be_renamed(tmp_path, name):
+    """A gzip or zstd file without its suffix was read as plain bytes: a .jsonl gave one `read_error:bad_json` per
+    "line" of compressed bytes (a document count the bytes made up), a .txt a document of compressed bytes, kept
+    (found 2026-12-07). It is one read error naming the rename, as a plain file named .gz is."""
+    zstd = pytest.importorskip("zstandard") if name.startswith("zst") else None
+    data = zstd.ZstdCompressor().compress(ROWS) if zstd else gzip.compress(ROWS)
+    p = tmp_path / name
+    p.write_bytes(data)
+    docs = list(read_documents(p))
+    assert _drops(docs) == ["read_error:corrupt_archive"] and len(docs) == 1
+    codec, suffix = ("zstd", ".zst") if zstd else ("gzip", ".gz")
+    assert docs[0].meta["error"] == (f"NotCompressed: {p}: {codec}-compressed, but its name says plain (it starts with "
+                                     f"{data[:4]!r}); rename it to {name}{suffix}")
+
+
+@pytest.mark.parametrize("name, unit", [("ids.txt", "file"), ("ids.txt", "line"), ("ids.jsonl", None)])
+def test_a_binary_file_read_as_text_is_one_read_error_not_a_kept_document(tmp_path, name, unit):
+    """Random bytes or token ids in a .txt input were kept as a document of control characters and NULs, tokenized
+    into the shards with only `meta.decode_errors` to tell, and in a .jsonl input were a `bad_json` record per
+    newline byte they held (found 2026-12-07); as an .html input they were already `extract:not_html`. A UTF-16
+    file with its byte-order mark (NULs between ASCII letters) is text."""
+    import numpy as np
+
+    blob = tmp_path / name
+    blob.write_bytes(np.arange(3000, dtype=np.uint16).tobytes())
+    docs = list(read_documents(blob, **({"unit": unit} if unit else {})))
+    assert _drops(docs) == ["read_error:binary"] and len(docs) == 1
+    assert docs[0].meta["error"] == (f"{blob}: not text (NUL or control bytes in its first 4 KiB: binary data); "
+                                     "leave it out of input.paths")
+    if unit is None:
+        return
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("\ufeffplain text\nsecond line\n".encode("utf-16-le"))
+    assert [d.text for d in read_documents(utf16, unit=unit)] == (
+        ["plain text\nsecond line\n"] if unit == "file" else ["plain text", "second line"])
+
+
 def _warc(n: int, gz: bool) -> tuple[bytes, list[int]]:
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter

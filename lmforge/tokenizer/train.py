@@ -56,17 +56,21 @@ NOT_TEXT = ((re.compile(rb"\x1f\x8b"), "gzip-compressed"), (re.compile(rb"\x28\x
 
 
 def check_text_file(path: str | Path) -> None:
-    """Refuse, in one line, a file whose first bytes say it is compressed or token data (`NOT_TEXT`), or Parquet (its
-    magic at both ends; a text may open with "PAR1" or "BZh"): the tokenizer reads text files as they are and cannot
-    look inside one."""
+    """Refuse, in one line, a file whose first bytes say it is compressed or token data (`NOT_TEXT`), Parquet (its
+    magic at both ends; a text may open with "PAR1" or "BZh") or other binary data (data.readers.looks_binary, the
+    pipeline's readers' test): the tokenizer reads text files as they are and cannot look inside one."""
+    from lmforge.data.readers import looks_binary
+
     with open(path, "rb") as f:
-        head = f.read(10)
+        head = f.read(4096)
         size = f.seek(0, os.SEEK_END)
         f.seek(max(size - 4, 0))
         tail = f.read(4)
     kind = next((kind for magic, kind in NOT_TEXT if magic.match(head)), None)
     if kind is None and head.startswith(b"PAR1") and size >= 8 and tail == b"PAR1":  # (Parquet: the magic at both ends)
         kind = "Parquet"
+    if kind is None and looks_binary(head):  # (random bytes, token ids in a .txt: the data pipeline's test)
+        kind = "binary data (NUL bytes or many control characters in its first 4 KiB)"
     if kind is not None:
         raise DataError(f"tokenizer input {str(path)!r} is {kind}, not text: the tokenizer reads plain text files; "
                         "leave it out, or, for a data pipeline's JSONL or Parquet, train on its documents from Python "

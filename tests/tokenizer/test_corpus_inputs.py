@@ -103,3 +103,26 @@ def test_the_refusal_s_python_advice_runs_as_written(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="merges"):  # (a tiny corpus: fewer merges than asked)
         tok = eval(advice.group(1), {"lf": lf, "read_documents": read_documents, "path": path})
     assert tok.decode(tok.encode("the cat sat")) == "the cat sat" and tok.vocab_size > 257
+
+
+def test_binary_data_named_as_text_is_refused_as_the_data_pipeline_refuses_it(tmp_path):
+    """Token ids or random bytes saved as .txt were trained into the tokenizer with only a "not UTF-8" note; the
+    check is the pipeline readers' looks_binary (NUL bytes or many control characters)."""
+    import random
+
+    import numpy as np
+    import pytest
+
+    from lmforge.errors import DataError
+    from lmforge.tokenizer.train import train_bpe
+
+    text = tmp_path / "a.txt"
+    text.write_text("the cat sat on the mat\n" * 50)
+    (tmp_path / "ids.txt").write_bytes(np.arange(2000, dtype=np.int32).tobytes())
+    (tmp_path / "noise.txt").write_bytes(random.Random(0).randbytes(5000))
+    for bad in ("ids.txt", "noise.txt"):
+        with pytest.raises(DataError, match=f"tokenizer input '{tmp_path / bad}' is binary data .*, not text"):
+            train_bpe([text, tmp_path / bad], 300, progress=False)
+    utf16 = tmp_path / "u16.txt"
+    utf16.write_bytes("the cat sat on the mat\n".encode("utf-16") * 3)  # text with a byte-order mark stays text
+    assert train_bpe([text, utf16], 260, progress=False).vocab_size == 260

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,6 +101,11 @@ class OptimBenchConfig:
         for f in ("depth", "seq_len", "batch_size", "steps", "lr_points", "eval_every", "eval_batches"):
             check(getattr(self, f) >= 1, f"{f} must be >= 1, got {getattr(self, f)}")
         check(self.lr_factor > 1, f"lr_factor must be > 1, got {self.lr_factor}")
+        if self.warmup_steps > self.steps:  # said once here, in the bench's flags (each run's TrainConfig said it too)
+            from lmforge.errors import warn_caller
+
+            warn_caller(f"warmup_steps={self.warmup_steps} > steps={self.steps}: no run's learning rate reaches its "
+                        f"lr; set --warmup-steps to at most {self.steps} (e.g. {max(1, self.steps // 10)})")
         check(self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}")  # torch raised
         check(math.isfinite(self.target_loss) and self.target_loss >= 0,
               f"target_loss must be a finite loss >= 0 (0 = the best final loss of AdamW), got {self.target_loss}")
@@ -163,6 +169,10 @@ class _Curve:
     def on_eval(self, trainer, metrics: dict) -> None:
         self.points.append({"step": trainer.step, "val_loss": metrics["val_loss"], "time": self.timer.total})
 
+WARMUP_WARNING = r"optim\.warmup_steps=\d+ > max_steps"
+"""TrainConfig's warning of a warmup longer than the run, which OptimBenchConfig gives once in the bench's flags"""
+
+
 def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
     """Train one (optimizer, lr) with the Trainer; returns its curve, final loss, time and state memory.
 
@@ -187,8 +197,10 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
                        precondition_frequency=cfg.precondition_frequency, block_size=cfg.block_size)
     opt = build_optimizer(model, ocfg)
     # metrics are read (and a NaN loss caught) at evaluations only: no extra host sync between them
-    loop = LoopConfig(optim=ocfg, max_steps=cfg.steps, eval_every=cfg.eval_every, log_every=cfg.eval_every,
-                      ckpt_every=cfg.steps, keep_last=1, seed=cfg.seed, device=str(dev))
+    with warnings.catch_warnings():  # (OptimBenchConfig says a too long warmup once; each run's config said it again)
+        warnings.filterwarnings("ignore", message=WARMUP_WARNING)
+        loop = LoopConfig(optim=ocfg, max_steps=cfg.steps, eval_every=cfg.eval_every, log_every=cfg.eval_every,
+                          ckpt_every=cfg.steps, keep_last=1, seed=cfg.seed, device=str(dev))
     timer = StepTimer()
     curve = _Curve(timer)
 
@@ -198,7 +210,9 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
         return {"val_loss": float(np.mean(losses))}
 
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # the Trainer's evaluation lines: progress, not results
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            # (the Trainer's evaluation lines: progress, not results; its copies of the loop config: as above)
+            warnings.filterwarnings("ignore", message=WARMUP_WARNING)
             scratch_fit(model, opt, FixedBatches(train[: cfg.steps]), LMObjective(), loop, hooks=[timer, curve],
                         evaluator=evaluate)
     except TrainingDiverged:
@@ -244,7 +258,8 @@ def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
     val = _batches(val_ids, cfg.eval_batches, cfg, cfg.seed + 1)
     if dev.type == "cuda":  # TF32 matmuls, and one short discarded run so CUDA start-up is not timed
         torch.set_float32_matmul_precision("high")
-        run_one(replace(cfg, steps=3, eval_every=3), cfg.optimizers[0], DEFAULT_LR[cfg.optimizers[0]], train, val)
+        warm = replace(cfg, steps=3, eval_every=3, warmup_steps=1)
+        run_one(warm, cfg.optimizers[0], DEFAULT_LR[cfg.optimizers[0]], train, val)
     runs, t_start = [], time.perf_counter()
     offsets = sorted(range(-(cfg.lr_points // 2), cfg.lr_points - cfg.lr_points // 2), key=abs)
     for k in range(len(cfg.lrs)) if cfg.lrs else offsets:  # centre rates first, then the neighbours

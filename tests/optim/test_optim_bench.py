@@ -170,3 +170,18 @@ def test_a_reference_that_diverged_at_every_rate_hands_the_target_to_the_best_fi
     everyone_diverged = summarize([run("adamw", math.inf, [5.0, 4.0])])
     assert everyone_diverged["summary"][0]["steps_to_target"] == math.inf
     assert plot_curves(everyone_diverged, tmp_path / "d.png").is_file()
+
+
+def test_a_warmup_longer_than_the_runs_is_said_once_in_the_benchs_flags(tmp_path):
+    """`lmforge bench optimizers --steps 10` said "optim.warmup_steps=20 > max_steps=10" once per run (and per copy
+    of its loop config): the bench config says it once, naming its own flag."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        cfg = OptimBenchConfig(optimizers=("adamw", "lion"), depth=1, seq_len=16, batch_size=2, steps=4, lr_points=1,
+                               eval_every=2, eval_batches=1, warmup_steps=6, out=str(tmp_path))
+        run_benchmark(cfg, log=lambda s: None)
+    said = [str(w.message) for w in got if "warmup" in str(w.message)]
+    assert said == ["warmup_steps=6 > steps=4: no run's learning rate reaches its lr; set --warmup-steps to at most 4 "
+                    "(e.g. 1)"]

@@ -163,6 +163,14 @@ def pretraining_data(cfg: TrainConfig, tokenizer=None) -> Data:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {n_tok} tokens "
                           f"({cfg.tokenizer or first.tokenizer}): its ids {cfg.model.vocab_size}..{n_tok - 1} have no "
                           f"embedding, and no checkpoint could be sampled with it; set model.vocab_size >= {n_tok}")
+    if n_tok is not None and cfg.model.vocab_size >= 2 * n_tok and cfg.model.vocab_size - n_tok >= 1024:
+        # (a padded vocabulary, 50304 for GPT-2's 50257, is fine; the default 32,000 rows for a byte tokenizer is not)
+        from lmforge.errors import warn_caller
+
+        warn_caller(f"model.vocab_size={cfg.model.vocab_size} is {cfg.model.vocab_size / n_tok:.0f}x the tokenizer's "
+                    f"{n_tok} tokens: rows {n_tok}..{cfg.model.vocab_size - 1} of the embedding and head never see a "
+                    f"token (parameters and FLOPs spent for nothing); set model.vocab_size = {n_tok} (or a multiple of "
+                    "64 above it)")
     if cfg.bf16_residual and not uses_bf16(cfg, train_device(cfg.device)):
         raise ConfigError(f"bf16_residual = true needs bf16 autocast (dtype = '{cfg.dtype}' on "
                           f"{train_device(cfg.device).type} trains in fp32): set dtype = 'bf16' or drop it")

@@ -5,6 +5,7 @@ import dataclasses
 import math
 import re
 import shutil
+import warnings
 
 import pytest
 
@@ -111,6 +112,20 @@ def test_a_model_vocabulary_smaller_than_the_tokenizers_is_refused(tmp_path, bpe
                                           r"could be sampled with it; set model.vocab_size >= 300$"):
         pretraining_parts(cfg)
     assert pretraining_parts(dataclasses.replace(cfg, model=MODEL)).model.cfg.vocab_size == 300
+
+
+def test_a_model_vocabulary_far_larger_than_the_tokenizers_is_warned_of(tmp_path, bpe_shards):
+    """`lmforge train` on byte shards with the default 32,000-token model trained 31,743 rows that never see a
+    token, silently; a padded vocabulary (a few rows past the tokenizer's) is not warned of."""
+    tok, path, ids, train = bpe_shards
+    cfg = _config(tmp_path, [train])
+    big = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=2048))
+    with pytest.warns(UserWarning, match=r"model.vocab_size=2048 is 7x the tokenizer's 300 tokens: rows 300..2047 of "
+                                         r"the embedding and head never see a token .*set model.vocab_size = 300"):
+        pretraining_parts(big)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pretraining_parts(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=320)))
 
 
 def test_a_directory_or_glob_gives_its_shards_sorted_and_each_checked(tmp_path, bpe_shards):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import numbers
 import sys
 import types
@@ -214,6 +215,18 @@ def coerce_fields(cfg: Any, where: str = "") -> None:
         new = _coerce(tp, value, f"{where}.{name}" if where else name)
         if new is not value:
             object.__setattr__(cfg, name, new)
+
+
+def check_finite(cfg: Any, section: str) -> None:
+    """For `__post_init__`, after coerce_fields: every float field of `cfg`, and every float of a tuple field
+    (optim.betas), is a finite number. An infinite rate or beta passes `> 0` and a NaN passes `< 0` checks, and
+    either shows only as a NaN loss once the run has started. Not part of coerce_fields, which SamplingParams runs
+    per request."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(math.isfinite(v) for v in values if isinstance(v, float)):
+            raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
 
 
 _SCALARS = (int, float, bool, str)

@@ -340,3 +340,20 @@ def test_a_section_s_key_written_at_the_top_names_its_section(tmp_path, capsys):
     (tmp_path / "s.toml").write_text('checkpoint = "x"\ntemperature = 0.0\n')
     assert main(["sample", "--config", str(tmp_path / "s.toml")]) == 2
     assert "'temperature' is a key of [sampling]" in capsys.readouterr().err
+
+
+def test_check_finite_names_the_field_of_a_non_finite_float_or_tuple_of_floats():
+    """The one check of OptimConfig and the post-training configs (lmforge.config.check_finite)."""
+    from lmforge.config import check_finite
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        rate: float = 1.0
+        pair: tuple[float, float] = (0.5, 0.5)
+        name: str = "x"
+
+    check_finite(Cfg(), "s")
+    with pytest.raises(ConfigError, match=r"^s.rate must be a finite number, got inf$"):
+        check_finite(Cfg(rate=float("inf")), "s")
+    with pytest.raises(ConfigError, match=r"^s.pair must be a finite number, got \(0.5, nan\)$"):
+        check_finite(Cfg(pair=(0.5, float("nan"))), "s")

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.adapt.config import LoRAConfig
-from lmforge.config import SHORT_DTYPES, check, claim, coerce_fields
+from lmforge.config import SHORT_DTYPES, check, check_finite, claim, coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.train.config import LoopConfig
@@ -33,15 +32,6 @@ FROZEN_DTYPE_NAMES = SHORT_DTYPES
 def check_beta(beta: float, name: str = "beta", meaning: str = "the strength of the KL anchor") -> None:
     if not beta > 0:
         raise ConfigError(f"{name} must be > 0, got {beta}; e.g. 0.1 ({meaning})")
-
-
-def check_finite(cfg, section: str) -> None:
-    """Every float option of `cfg` is a finite number: an infinite beta or weight passes `> 0` and a NaN passes
-    `< 0` checks, and either shows only as a NaN loss once the run has started. Called after coerce_fields."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
 
 
 def check_frozen_dtype(value: str | None, name: str) -> None:

@@ -7,10 +7,9 @@ decay and per-role learning rates; see `lmforge.optim.groups`.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from lmforge.config import check, coerce_fields
+from lmforge.config import check, check_finite, coerce_fields
 
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt", "exp")
 GRAFTS = ("adam", "none")
@@ -89,11 +88,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self, "optim")  # each field's type, named when wrong
-        for f in fields(self):  # an infinite rate passes `> 0` and only shows as a NaN loss once it has stepped
-            value = getattr(self, f.name)
-            values = value if isinstance(value, tuple) else (value,)
-            check(all(math.isfinite(v) for v in values if isinstance(v, float)),
-                  f"optim.{f.name} must be a finite number, got {value}")
+        check_finite(self, "optim")
         check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
               f"optim.betas must be two values in [0, 1), got {self.betas}")

@@ -19,8 +19,6 @@ from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.train.config import LoopConfig
 
-DEFAULT_TEMPLATE = "chatml"
-"""PostDataConfig.chat_template when neither data.template nor the init checkpoint names one"""
 PAIR_LOSSES = ("sigmoid", "ipo", "simpo")
 """DPOConfig.loss_type: the pairwise losses of lmforge.align.losses"""
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
@@ -206,7 +204,8 @@ class PostDataConfig:
     """share of the training records held out for validation when `val` is empty"""
     template: str = ""
     """chat template (chatml | llama3 | plain); its special tokens must be special tokens of the tokenizer. '' = the
-    one the init checkpoint recorded (a fine-tuning run's), else chatml (chat_template)"""
+    one the init checkpoint recorded (a fine-tuning run's), else chatml where the tokenizer has its markers as special
+    tokens, else plain (lmforge.infer.chat_template.choose_template, as `lmforge chat`)"""
     loss_on: Literal["assistant", "all"] = "assistant"
     """'assistant': loss on assistant turns / completions only; 'all': on every token"""
     seq_len: int = 512
@@ -229,11 +228,6 @@ class PostDataConfig:
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
         check(self.loss_on in ("assistant", "all"), f"data.loss_on must be 'assistant' or 'all', got {self.loss_on!r}")
-
-    def chat_template(self, recorded: str | None = None) -> str:
-        """The template the records render with: data.template, else `recorded` (the one the checkpoint the run
-        starts from recorded: posttrain passes it), else DEFAULT_TEMPLATE."""
-        return self.template or recorded or DEFAULT_TEMPLATE
 
 
 @dataclass(frozen=True)

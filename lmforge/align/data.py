@@ -51,7 +51,7 @@ import torch
 
 from lmforge.align.config import KTOConfig, PostDataConfig, data_kind, resolve
 from lmforge.errors import DataError, LmforgeError
-from lmforge.infer.chat_template import MARKER, ChatTemplate, get_template
+from lmforge.infer.chat_template import MARKER, ChatTemplate, choose_template, get_template
 from lmforge.model.meta import packed_positions
 from lmforge.tokenizer.load import takes_where
 
@@ -651,7 +651,9 @@ def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, options:
     if not cfg.train:
         raise DataError("no training data: set data.train to one or more JSONL files")
     spec = data_kind(kind)
-    enc = Encoder(tokenizer, cfg.chat_template(), cfg.loss_on)  # (posttrain passes the template it resolved)
+    # data.template, else chatml or plain as the tokenizer allows (posttrain passes the one it resolved)
+    template, _ = choose_template(tokenizer, cfg.template or None, plain="data.template='plain'")
+    enc = Encoder(tokenizer, template.name, cfg.loss_on)
     items, report = load_records(cfg.train, enc, kind, cfg.seq_len, cfg.on_error, cfg.truncation)
     if cfg.val:
         val, report.val = load_records(cfg.val, enc, kind, cfg.seq_len, cfg.on_error, cfg.truncation)

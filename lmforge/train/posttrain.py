@@ -26,8 +26,10 @@ adapter-only (LoRAConfig.save = "adapters", the default): the trained tensors an
 checksum as their base (lmforge.checkpoint.base_record), which load_model loads them onto; an init that
 held adapters of its own is recorded as merged, as start_model trains it. save = "full" writes every weight.
 
-Left open, data.template is the init's recorded chat template (run_template) and disable_dropout the objective's
-ObjectiveSpec.disable_dropout, TRL's default (drop_dropout: off for dpo, kto, orpo, rm, distill; kept for sft).
+Left open, data.template is the init's recorded chat template, else chatml or plain as the tokenizer allows
+(run_template, by `lmforge chat`'s rule: lmforge.infer.chat_template.choose_template), and disable_dropout the
+objective's ObjectiveSpec.disable_dropout, TRL's default (drop_dropout: off for dpo, kto, orpo, rm, distill; kept
+for sft).
 
 The run directory holds metrics.jsonl, loss.png, metrics.png (reward margins, accuracies),
 data_report.json and checkpoints that LLM.load and `lmforge chat` open (config.json records the chat
@@ -259,17 +261,22 @@ def check_posttrain(cfg: PostTrainConfig) -> None:
         check_data_file(path)
 
 
-def run_template(cfg: PostTrainConfig) -> str:
-    """The chat template the run renders its records with (PostDataConfig.chat_template): data.template, else the
-    one its checkpoints recorded (a resumed run goes on as it started, e.g. one begun when chatml was the default),
-    else the one the init checkpoint recorded, else chatml. run_dir's config.json keeps data.template as given
+def run_template(cfg: PostTrainConfig, tokenizer, init_template: str | None) -> str:
+    """The name of the chat template the run renders its records with, by the rule of `lmforge chat`
+    (lmforge.infer.chat_template.choose_template): data.template, else the one the run's checkpoints recorded (a
+    resumed run goes on as it started, e.g. one begun when chatml was the default), else `init_template` (the one
+    the init checkpoint recorded), else chatml where the tokenizer has its markers as special tokens, else plain (a
+    pretrained model on the byte tokenizer: said on rank 0). run_dir's config.json keeps data.template as given
     (''), so a resume compares the same settings; each checkpoint's config.json records the template used."""
     from lmforge.checkpoint import recorded_chat_template
+    from lmforge.infer.chat_template import choose_template
 
-    if cfg.data.template:
-        return cfg.data.template
-    resumed = recorded_chat_template(cfg.run_dir) if cfg.resume else None
-    return cfg.data.chat_template(resumed or recorded_chat_template(cfg.init))
+    resumed = recorded_chat_template(cfg.run_dir) if cfg.resume and not cfg.data.template else None
+    template, notice = choose_template(tokenizer, cfg.data.template or None, resumed or init_template,
+                                       plain="data.template='plain'")
+    if notice and rank_and_world()[0] == 0:
+        print(f"note: {notice}")
+    return template.name
 
 
 def drop_dropout(model: torch.nn.Module, cfg: PostTrainConfig) -> None:
@@ -311,8 +318,8 @@ def posttrain(cfg: PostTrainConfig):
     if getattr(tok, "vocab_size", 0) > mcfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the init model's vocab_size is "
                           f"{mcfg.vocab_size}: it was not made for this model; use the model's own tokenizer")
-    template = run_template(cfg)
     recorded = recorded_chat_template(cfg.init)
+    template = run_template(cfg, tok, recorded)
     if recorded and recorded != template and rank_and_world()[0] == 0:
         print(f"note: {cfg.init} was fine-tuned with chat template {recorded!r}, this run uses "
               f"{template!r} (data.template); its checkpoints record {template!r} for lmforge chat")

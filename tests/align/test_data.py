@@ -470,3 +470,20 @@ def test_a_plain_template_with_no_end_of_text_token_is_warned_about():
     """Without an end-of-text token nothing can close a plain answer (its "\\n" cannot): said at once."""
     with pytest.warns(UserWarning, match=r"chat template 'plain' ends an answer with '\\n'.*will not stop by itself"):
         D.Encoder(ByteTokenizer(()), "plain")
+
+
+def test_build_sources_without_a_template_renders_chatml_or_plain_as_the_tokenizer_allows(tmp_path):
+    """data.template '' given to build_sources directly: chatml where the tokenizer has its markers as special
+    tokens, else plain (choose_template, the one rule of posttrain and `lmforge chat`); a given one is checked."""
+    from lmforge.align.config import PostDataConfig
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    path = tmp_path / "c.jsonl"
+    _write(path, [{"messages": _chat("hi", "yo")}])
+    chatml = Tokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|im_start|>", "<|im_end|>"])
+    for tok, text in ((TOK, "User: hi\nAssistant: yo<|endoftext|>"),
+                      (chatml, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n")):
+        src, _, _ = D.build_sources(PostDataConfig(train=(str(path),), val_fraction=0), tok, "sft", seed=0)
+        assert tok.decode(src.items[0][0]) == text
+    with pytest.raises(DataError, match=r"^chat template 'chatml' uses <\|im_start\|> but the tokenizer encodes"):
+        D.build_sources(PostDataConfig(train=(str(path),), template="chatml"), TOK, "sft", seed=0)

@@ -1,6 +1,7 @@
 """What a post-training run takes from its objective and init when the config leaves it open: dropout (off for
 DPO/KTO/ORPO/RM/distillation as TRL's trainers, kept for SFT; disable_dropout overrides), the chat template (the
-init's recorded one, else chatml), and a warning for a data.seq_len past the init's max_seq_len (as pretraining's)."""
+init's recorded one, else chatml or plain as the tokenizer allows), and a warning for a data.seq_len past the
+init's max_seq_len (as pretraining's)."""
 
 import dataclasses
 import json
@@ -15,6 +16,8 @@ from lmforge import checkpoint as ckpt
 from lmforge.model.dropout import set_dropout
 from lmforge.model.layers.attention import AttnSpec
 from lmforge.model.transformer import Transformer
+from lmforge.tokenizer.bpe import Tokenizer
+from lmforge.tokenizer.byte import ByteTokenizer
 from lmforge.train import posttrain as PT
 from lmforge.train.trainer import Trainer
 
@@ -124,11 +127,21 @@ def _template_cfg(base, run, init, template=""):
     return post._cfg(base, run, "sft", init=str(init), data=data, max_steps=1, plot=False)
 
 
+CHATML_TOK = Tokenizer({i: bytes([i]) for i in range(256)}, [],
+                       special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+"""a tokenizer with chatml's markers as special tokens (the byte tokenizer has none)"""
+
+
+def _template(cfg, tok=CHATML_TOK):
+    return PT.run_template(cfg, tok, ckpt.recorded_chat_template(cfg.init))
+
+
 def test_the_template_defaults_to_the_one_the_init_recorded_else_chatml(base, tmp_path):
     plain = _resaved(base, tmp_path / "plain", extra={"chat_template": "plain"})
-    assert PT.run_template(_template_cfg(base, tmp_path / "a", base / "base")) == "chatml"  # none recorded
-    assert PT.run_template(_template_cfg(base, tmp_path / "b", plain)) == "plain"
-    assert PT.run_template(_template_cfg(base, tmp_path / "c", plain, "llama3")) == "llama3"  # given: it wins
+    assert _template(_template_cfg(base, tmp_path / "a", base / "base")) == "chatml"  # none recorded
+    assert _template(_template_cfg(base, tmp_path / "a", base / "base"), ByteTokenizer()) == "plain"  # no markers
+    assert _template(_template_cfg(base, tmp_path / "b", plain)) == "plain"
+    assert _template(_template_cfg(base, tmp_path / "c", plain, "chatml")) == "chatml"  # given: it wins
     # the byte tokenizer has no chatml markers: a run from `plain` trains on its template and records it
     PT.posttrain(_template_cfg(base, tmp_path / "run", plain))
     saved = json.loads((ckpt.checkpoint_dirs(tmp_path / "run")[-1] / "config.json").read_text())
@@ -136,9 +149,20 @@ def test_the_template_defaults_to_the_one_the_init_recorded_else_chatml(base, tm
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["data"]["template"] == ""
 
 
+def test_sft_from_a_byte_tokenizer_pretrain_without_a_recorded_template_trains_plain(base, tmp_path, capsys):
+    """No template given or recorded: chatml where the tokenizer has its markers as special tokens, else plain
+    (lmforge.infer.chat_template.choose_template, as `lmforge chat`). It was chatml always, which the byte
+    tokenizer refuses ("chat template 'chatml' uses <|im_start|> but the tokenizer encodes it as 12 tokens")."""
+    assert ckpt.recorded_chat_template(base / "base") is None
+    PT.posttrain(_template_cfg(base, tmp_path / "run", base / "base"))
+    assert "this tokenizer has no chatml special tokens: using the plain template" in capsys.readouterr().out
+    saved = json.loads((ckpt.checkpoint_dirs(tmp_path / "run")[-1] / "config.json").read_text())
+    assert saved["chat_template"] == "plain" and ckpt.recorded_chat_template(tmp_path / "run") == "plain"
+
+
 def test_a_resumed_run_keeps_the_template_its_checkpoints_recorded(base, tmp_path):
     plain = _resaved(base, tmp_path / "plain", extra={"chat_template": "plain"})
     _resaved(base, tmp_path / "run", extra={"chat_template": "chatml", "objective": "sft"})  # begun under chatml
-    assert PT.run_template(_template_cfg(base, tmp_path / "run", plain)) == "chatml"
+    assert _template(_template_cfg(base, tmp_path / "run", plain)) == "chatml"
     fresh = dataclasses.replace(_template_cfg(base, tmp_path / "run", plain), resume=False)
-    assert PT.run_template(fresh) == "plain"
+    assert _template(fresh) == "plain"

@@ -88,14 +88,14 @@ class BeamSearch:
         sums = torch.tensor([sum(self.hyp[s.seq_id][1]) for s in live], device=logp.device)
         V, alpha, k, limit = logp.shape[-1], self.params.length_penalty, self.params.logprobs, engine.vocab_limit
         cand = logp if limit is None else logp.index_fill(-1, torch.arange(limit, V, device=logp.device), -math.inf)
+        top = self._top_entries(logp, k, limit)
         nxt = []  # (ids past a padded vocabulary's tokenizer: never a candidate, never listed, but their mass counts)
         for rank, (score, flat) in enumerate(_ranked((cand + sums[:, None]).flatten(), (1 + len(self.eos)) * self.W)):
             b, tok = divmod(flat, V)
             toks, lps, tops = self.hyp[live[b].seq_id]
             lp = float(logp[b, tok])
-            if k is not None:  # a sample's entries (Engine.accept): the k most likely, not the chosen one besides
-                _, values, ids = token_logprobs(logp[b:b + 1], torch.tensor([tok], device=logp.device), k, limit)
-                tops = tops + [dict(zip(ids[0].tolist(), values[0].tolist())) if k else {}]
+            if top is not None:
+                tops = tops + [top[b]]
             h = (toks + [tok], lps + [lp], tops)
             why = "stop" if tok in self.eos or self._stop_at(h[0]) is not None else None
             if why:
@@ -118,6 +118,21 @@ class BeamSearch:
         for s in live:
             self.hyp.pop(s.seq_id)
             engine.scheduler.finish(s)
+
+    @staticmethod
+    def _top_entries(logp: torch.Tensor, k: int | None, limit: int | None) -> list[dict[int, float]] | None:
+        """Each live beam's top-k entries of this step, as a sample's (Engine.accept: the k most likely, not the
+        chosen one besides), for logp (beams, V); None when params.logprobs asks for none. They do not depend on
+        the token a beam extends with: one token_logprobs and one host copy per step, not per candidate."""
+        if k is None:
+            return None
+        if k == 0:
+            return [{} for _ in range(len(logp))]
+        _, values, ids = token_logprobs(logp, torch.zeros(len(logp), dtype=torch.long, device=logp.device), k, limit)
+        # ids (< 2**53) and float32 values are exact as doubles: both in one .tolist()
+        rows = torch.cat([ids.double(), values.double()], -1).tolist()
+        n = ids.shape[-1]
+        return [dict(zip(map(int, row[:n]), row[n:])) for row in rows]
 
     def _stop_at(self, toks: list[int]) -> int | None:
         """Where the first stop string starts in the hypothesis' text (None: it holds none)."""

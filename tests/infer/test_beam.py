@@ -187,6 +187,24 @@ def test_beam_top_logprobs_are_the_k_most_likely(tok, k):
     assert chosen_outside  # (some beam took a token outside the k best: the case that listed k + 1)
 
 
+def test_beam_top_logprobs_are_computed_once_per_step_for_all_live_beams(tok, monkeypatch):
+    """Each beam's top-k entries do not depend on the token it extends with: one token_logprobs over every live
+    beam per step, not one (a log_softmax and topk over the vocabulary, two host syncs) per ranked candidate."""
+    import lmforge.infer.beam as beam
+
+    calls, real = [], beam.token_logprobs
+
+    def counted(logits, *args):
+        calls.append(len(logits))
+        return real(logits, *args)
+
+    monkeypatch.setattr(beam, "token_logprobs", counted)
+    sp = SamplingParams(temperature=0, beam_width=3, n=3, max_tokens=5, ignore_eos=True, logprobs=2)
+    out = LLM(tiny_model("llama", init_std=0.3), tok).generate(["ab"], sp)[0].outputs
+    assert [len(o.top_logprobs) for o in out] == [5, 5, 5]
+    assert calls == [1, 3, 3, 3, 3]  # one per step, over its live beams: the prompt's, then 3
+
+
 def test_beam_stop_strings_logprobs_stream_and_running_outputs(tok):
     """A stop string ends a beam (text cut before it); logprobs come only when asked, with top-k entries
     that equal the model's; while the search runs the request shows its n best live beams, unfinished;

@@ -37,14 +37,19 @@ def _save_expensive_ops():
 
 
 def draws_random(model: nn.Module) -> bool:
-    """Whether the model's training forward draws random numbers: dropout > 0 (attention probabilities,
-    residual and MLP outputs), noisy MoE gating, or a dropout module its config does not describe (LoRA's
-    adapter dropout, LoRAConfig.dropout, applied from outside); True for a model without an lmforge ModelConfig."""
+    """Whether the model's training forward draws random numbers: noisy MoE gating, or a dropout its modules hold
+    at p > 0 (an nn.Dropout: residual, MLP and embedding outputs, LoRA's adapter dropout applied from outside; or
+    attention's dropout on its weights, the `dropout` of a layer's training AttnSpec). The modules, not
+    model.cfg.dropout: post-training's drop_dropout sets them to 0 and keeps the config's (set_dropout). True for
+    a model without an lmforge ModelConfig."""
+    from lmforge.model.layers.attention import AttnSpec
+
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(cfg, "dropout"):
         return True
-    return (cfg.dropout > 0 or (cfg.mlp == "moe" and cfg.moe_cfg.noisy)
-            or any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()))
+    return (cfg.mlp == "moe" and cfg.moe_cfg.noisy) or any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+        or isinstance(spec := getattr(m, "train_spec", None), AttnSpec) and spec.dropout > 0 for m in model.modules())
 
 
 def apply_ac(model: nn.Module, mode: str, every: int = 1) -> nn.Module:

@@ -55,6 +55,25 @@ def test_only_models_that_draw_random_numbers_preserve_the_rng_state():
     assert draws_random(torch.nn.Linear(2, 2))  # not an lmforge model: preserved, to be safe
 
 
+@pytest.mark.parametrize("attention", ["mha", "mla"])
+def test_a_model_whose_dropout_was_switched_off_draws_no_random_numbers(attention):
+    """Post-training's drop_dropout sets the modules' dropout to 0 and keeps model.cfg's (the checkpoints save the
+    init's): draws_random read cfg.dropout and still preserved and restored the RNG state in every block. It reads
+    the modules: an nn.Dropout's p, attention's dropout on its weights (its train_spec)."""
+    from lmforge.model.dropout import set_dropout
+    from lmforge.parallel.ac import draws_random
+
+    cfg = dataclasses.replace(BASE, dropout=0.1, attention=attention)
+    model = Transformer(cfg)
+    set_dropout(model, 0.0)
+    assert model.cfg.dropout == 0.1 and not draws_random(model)
+    weights_only = Transformer(cfg)
+    for m in weights_only.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    assert draws_random(weights_only)  # attention's dropout on its weights, which is no module
+
+
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_lora_dropout_is_recomputed_with_the_forwards_masks(mode):
     """LoRA's adapter dropout (LoRAConfig.dropout) is no ModelConfig field: draws_random said False for a LoRA model

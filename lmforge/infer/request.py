@@ -169,7 +169,7 @@ class Sequence:
             self.finish = "stop"
             self.stop_reason = tok if tok in params.stop_token_ids else None  # (None: the model's end of text)
             # a stop token's text shows as a stop string does, with include_stop_str_in_output (vLLM cuts the last
-            # token's text only without it); the end-of-text id's never does
+            # token's text only without it); the end-of-text id's only where stop_token_ids lists it
             kept = self.stop_reason is not None and params.include_stop_str_in_output
             tail = (self.decoder.push(tok) if kept else "") + self.decoder.flush()
             self.text += tail

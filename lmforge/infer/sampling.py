@@ -75,8 +75,9 @@ class SamplingParams:
     say where each token's text starts (the text length for those past the cut)"""
     include_stop_str_in_output: bool = False
     """keep the stop string that ended a sample at the end of its text (vLLM's name; a ReAct loop's 'search['),
-    or the text of the stop_token_ids token that ended it (vLLM keeps it too; the end-of-text id's text never
-    shows); a running sample's text then needs no held-back tail"""
+    or the text of the stop_token_ids token that ended it (vLLM keeps it too). The end-of-text id ends a sample
+    without being listed, and then its text never shows; listed in stop_token_ids it is a stop token like any other,
+    its text shown (unless skip_special_tokens). A running sample's text then needs no held-back tail"""
     stop_token_ids: tuple[int, ...] = ()
     """token ids that end generation (the tokenizer's end-of-text id is added unless ignore_eos); the token is in
     token_ids and stop_reason, its text only with include_stop_str_in_output"""

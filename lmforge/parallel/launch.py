@@ -143,7 +143,9 @@ inside their step without a checkpoint (a person's second Ctrl-C comes later)"""
 class SignalEcho:
     """Tells one stop signal delivered twice from a second one (SIGNAL_ECHO_S): for the launcher, and for each process
     that trains, which a scheduler signalling every process of a job (SLURM's `scancel`, `kill -TERM` to a group)
-    reaches directly and also through the launcher and torchrun."""
+    reaches directly and also through the launcher and torchrun. The time is when Python runs the handler, not when the
+    signal arrived: Python runs it only after the C call in flight returns, so a copy that arrived during a long one
+    can be judged a second signal (the trainer covers its step boundary's all-reduce: lmforge.train.interrupts)."""
 
     def __init__(self):
         self._sig: int | None = None

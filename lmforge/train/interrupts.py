@@ -7,7 +7,12 @@ all-reduce), so a signal reaching any one rank stops all of them at the same ste
 A second signal stops at once (one while the interrupt's checkpoint is written leaves the previous one, and
 says which that is); the same signal within SIGNAL_ECHO_S of the one before is that one delivered by a second route
 (a scheduler that signals every process of a job reaches an `--nproc` run's processes directly and through the
-launcher), not a second (lmforge.parallel.launch.SignalEcho). A hook's Trainer.request_stop travels in the same
+launcher), not a second (lmforge.parallel.launch.SignalEcho). The window is timed when Python runs the handler,
+which it does only once the C call in flight returns: a copy that arrives while this rank waits in the step boundary's
+all-reduce for a slower rank is handled when that returns, often later than SIGNAL_ECHO_S, so while that all-reduce
+carries this rank's flag for a signal, a repeat of that signal is never a second (`at_boundary`). What remains: a
+copy that arrives in one long C call mid-step (a big matmul, another collective) and is handled more than
+SIGNAL_ECHO_S after the first still counts as a second signal. A hook's Trainer.request_stop travels in the same
 all-reduce and ends `fit` as a last step would.
 
 A KeyboardInterrupt raised inside a step (a second Ctrl-C, or one raised by code) lands in one of the
@@ -75,6 +80,7 @@ class Interrupts:
         self.signal: int | None = None  # the first SIGINT/SIGTERM received
         self.reason: str | None = None  # why a hook asked to stop (Trainer.request_stop)
         self.agreed = False  # the KeyboardInterrupt is the stop all ranks agreed on at a step boundary
+        self._carried: int | None = None  # the signal whose flag the boundary all-reduce in flight carries
         self._echo = SignalEcho()
         self._step_hooks = hasattr(optimizer, "register_step_pre_hook")
         if self._step_hooks:  # torch optimizers: know exactly when the weights start and stop changing
@@ -131,7 +137,9 @@ class Interrupts:
 
     # signals and stop requests ----------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
-        if self._echo.repeat(signum):  # the first one again, by another route: one graceful stop
+        # the first one again, by another route: one graceful stop (repeat first: a copy that is not within
+        # SIGNAL_ECHO_S, yet carried, re-times the window for the copies after it)
+        if self._echo.repeat(signum) or signum == self._carried:
             return
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
@@ -149,13 +157,19 @@ class Interrupts:
         """At a step boundary: raise KeyboardInterrupt if a signal arrived, else say whether a hook asked to
         stop; on N processes both are all-reduced over the ranks in one call, so all ranks agree."""
         code = 2 * (self.signal is not None) + (self.reason is not None)
-        if runner is not None:
-            code = ddp.max_over_ranks(code, runner.cpu_group)
-        if code & 1 and self.reason is None:
-            self.reason = "requested by a hook on another rank"
-        if code & 2:
-            self.agreed = True
-            raise KeyboardInterrupt
+        # while the all-reduce carries this rank's signal, and until the stop is agreed, a repeat of it is that signal
+        # (its handler runs only when the all-reduce returns, or at the first bytecode after it): see _on_signal
+        self._carried = self.signal
+        try:
+            if runner is not None:
+                code = ddp.max_over_ranks(code, runner.cpu_group)
+            if code & 1 and self.reason is None:
+                self.reason = "requested by a hook on another rank"
+            if code & 2:
+                self.agreed = True
+                raise KeyboardInterrupt
+        finally:
+            self._carried = None
         return bool(code & 1)
 
     def interrupted(self, trainer: Trainer, bar, t_start: float) -> None:

@@ -151,6 +151,32 @@ def test_one_signal_delivered_by_two_routes_is_one_graceful_stop(setup, tmp_path
     assert _losses(train(cfg)) == full
 
 
+@pytest.mark.parametrize("again", [signal.SIGTERM, signal.SIGINT])
+def test_a_copy_handled_late_after_the_boundary_all_reduce_is_not_a_second_signal(monkeypatch, again):
+    """Python runs a handler only when the C call in flight returns: the copy of a SIGTERM that reached a rank while
+    it waited in the step boundary's all-reduce for a slower rank was handled when that returned, later than
+    SIGNAL_ECHO_S, and raised "stop at once" before the stop was agreed (no checkpoint, the others hung in the save).
+    While the all-reduce carries this rank's flag for the signal, a repeat of it is that signal; another is a second."""
+    import torch
+
+    from lmforge.train import distributed as ddp
+    from lmforge.train.interrupts import Interrupts
+
+    def slow_all_reduce(code, group):  # a slower rank: the copy arrives now, its handler runs as the wait ends
+        time.sleep(SIGNAL_ECHO_S + 0.05)
+        signal.raise_signal(again)
+        return code
+
+    monkeypatch.setattr(ddp, "max_over_ranks", slow_all_reduce)
+    interrupts = Interrupts(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    with interrupts.deferred_signals():
+        signal.raise_signal(signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.at_boundary(runner=type("Runner", (), {"cpu_group": None})())
+    assert interrupts.signal == signal.SIGTERM
+    assert interrupts.agreed is (again == signal.SIGTERM)  # agreed: the interrupt's checkpoint is written
+
+
 @pytest.mark.parametrize("kind", ["sighup", "sigquit"])
 def test_sighup_and_sigquit_stop_at_a_step_boundary_as_sigterm_does(setup, tmp_path, kind):
     """The --nproc launcher passes SIGHUP (a closed terminal) and SIGQUIT (Ctrl-\\) on to every process as it does

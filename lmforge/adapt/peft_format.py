@@ -446,11 +446,15 @@ def _peft_config(path: Path) -> dict:
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
         raise ConfigError(f"{path / CONFIG}: r is {r!r}, not a positive integer; set it to the adapter's rank (the "
                           "first dimension of its lora_A tensors)")
+    targets = config.get("target_parameters")
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ConfigError(f"{path / CONFIG}: target_parameters is {targets!r}, not a list of parameter names; write it "
+                          'as PEFT does (["gate.weight"]), or null for none')
     used = [what for key, what in UNSUPPORTED.items() if config.get(key)]
     # a module's own 2-D weight adapted as a parameter (PEFT's lora.ParamWrapper; "gate.weight", what PEFT makes of
     # a MoE router target on transformers 5) is B A added to that Linear's weight, as LoRA on the module; a fused
     # 3-D expert weight (experts.gate_up_proj) is per-expert factors lmforge's LoRA layers do not compute
-    fused = [t for t in config.get("target_parameters") or () if not (isinstance(t, str) and t.endswith(".weight"))]
+    fused = [t for t in targets or () if not t.endswith(".weight")]
     if fused:
         used.append(f"target_parameters {fused} (fused MoE expert weights)")
     if config.get("bias", "none") != "none":

@@ -215,6 +215,19 @@ def test_a_router_adapted_as_a_parameter_loads_as_peft_computes_it(tmp_path, fam
         load_model(tmp_path / "experts", tokenizer=False)
 
 
+@pytest.mark.parametrize("targets", [5, "gate.weight", {"gate.weight": 1}, ["gate.weight", 3]])
+def test_a_malformed_target_parameters_is_one_line(tmp_path, targets):
+    """target_parameters that is not a list of names: 5 failed with a TypeError traceback, "gate.weight" was read as
+    its characters (refused as fused expert weights "g", "a", ...), {"gate.weight": 1} was taken as its keys."""
+    from lmforge.adapt.peft_format import _peft_config
+
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "target_parameters": targets}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=rf"adapter_config.json: target_parameters is {re.escape(repr(targets))}, "
+                                          r"not a list of parameter names; write it as PEFT does"):
+        _peft_config(tmp_path)
+
+
 def test_a_peft_directory_loaded_in_bf16_keeps_its_adapters_fp32(tmp_path):
     """load_model(dtype=) casts a PEFT adapter's base, not its LoRA factors (they were cast with it), as the other
     checkpoint kinds load adapters over a half-precision model."""

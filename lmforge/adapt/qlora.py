@@ -191,10 +191,10 @@ def _json_settings(name: str, layer: nn.Module) -> dict:
     settings = dict(getattr(layer, "settings", None) or {})
     empty = getattr(type(layer), "empty", None)
     where = f"base layer {name}: {type(layer).__name__}.settings"
-    bad = _non_string_key(settings)
-    if bad is not None and bad in settings:
-        raise ConfigError(f"{where} has the name {bad!r}: load_model passes the settings back as keyword arguments; "
-                          "name them by strings")
+    named = [k for k in settings if not isinstance(k, str)]
+    if named:
+        raise ConfigError(f"{where} has the name {named[0]!r}: load_model passes the settings back as keyword "
+                          "arguments; name them by strings")
     for key, value in settings.items():
         if key in ("dtype", "device") and callable(empty) and _takes(empty, key):  # (load_model's own, to empty())
             raise ConfigError(f"{where} has {key!r}, a name load_model passes to empty() itself (the model's {key}); "
@@ -205,8 +205,9 @@ def _json_settings(name: str, layer: nn.Module) -> dict:
             raise ConfigError(f"{where}[{key!r}] is {value!r}, which config.json cannot hold (load_model passes the "
                               "settings back to empty/from_linear); give settings JSON values: strings, numbers, "
                               "bools, lists, dicts (a dtype by its name, e.g. 'int8')") from None
-        bad = _non_string_key(value)
-        if bad is not None:
+        found = _non_string_key(value)
+        if found:
+            bad, = found
             back = next(iter(json.loads(json.dumps({bad: 0}))))
             raise ConfigError(f"{where}[{key!r}] has the key {bad!r}, which config.json gives back as the string "
                               f"{back!r}, so load_model would pass other settings to empty/from_linear; key its "
@@ -214,21 +215,22 @@ def _json_settings(name: str, layer: nn.Module) -> dict:
     return settings
 
 
-def _non_string_key(value):
-    """The first dict key in `value` (a JSON value, at any depth) that is not a string, else None."""
+def _non_string_key(value) -> tuple:
+    """(the first dict key in `value`, a JSON value, at any depth, that is not a string,), else (): a tuple, as the
+    key may itself be None (which JSON writes as "null")."""
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
-                return k
+                return (k,)
             found = _non_string_key(v)
-            if found is not None:
+            if found:
                 return found
     elif isinstance(value, (list, tuple)):
         for v in value:
             found = _non_string_key(v)
-            if found is not None:
+            if found:
                 return found
-    return None
+    return ()
 
 
 def warn_unregistered(record: dict[str, dict]) -> None:

@@ -253,6 +253,14 @@ def test_a_settings_dict_with_int_keys_is_refused_as_config_json_would_change_it
                                           r"load_model passes the settings back as keyword arguments; name them by "
                                           r"strings$"):
         _trainer(quantize(tiny_model(0)), tmp_path / "run")
+    # a None key, which JSON writes as "null", at either level (it passed: None was "no such key found")
+    monkeypatch.setattr(int8, "settings", {"bits": 8, "g": {None: 1}})
+    with pytest.raises(ConfigError, match=r"^base layer blocks.0.attn.wq: RegisteredInt8.settings\['g'\] has the key "
+                                          r"None, which config.json gives back as the string 'null', so load_model"):
+        _trainer(quantize(tiny_model(0)), tmp_path / "run")
+    monkeypatch.setattr(int8, "settings", {None: 1})
+    with pytest.raises(ConfigError, match=r"^base layer blocks.0.attn.wq: RegisteredInt8.settings has the name None: "):
+        _trainer(quantize(tiny_model(0)), tmp_path / "run")
     settings = {"bits": 8, "groups": [{"rows": {"0": 64}}]}
 
     def from_linear(cls, linear, bits, groups):

@@ -22,7 +22,7 @@ import re
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.tasks.base import Example, Task, check_span
+from lmforge.tasks.base import Example, Task, check_span, check_whole
 
 STEP_RE = re.compile(r"^\s*(\d+(?:\s*[+*]\s*\d+)+)\s*=\s*(-?\d+)\s*$")
 
@@ -95,8 +95,7 @@ class Arithmetic(Task):
         check_span(self.name, "digits", digits)
         if not set(ops) <= {"+", "*"} or not ops:
             raise ConfigError(f"ops={ops} must be a non-empty subset of ('+', '*')")
-        if mul_digits < 1:
-            raise ConfigError(f"mul_digits={mul_digits} must be >= 1 (the most digits of a multiplication's operands)")
+        check_whole(self.name, "mul_digits", mul_digits, 1)  # (the most digits of a multiplication's operands)
         self.digits, self.ops, self.mul_digits = digits, ops, mul_digits
 
     def problem(self, rng: random.Random) -> dict[str, Any]:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import numbers
 import random
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.config import is_int
 from lmforge.errors import ConfigError
 
 SPLITS = ("train", "test")
@@ -119,10 +119,16 @@ def last_boxed(text: str) -> str | None:
 
 def check_span(task: str, name: str, span) -> None:
     """A (lo, hi) setting such as a list's length or an operand's digits: two integers, 1 <= lo <= hi."""
-    ok = isinstance(span, (tuple, list)) and len(span) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in span)
+    ok = isinstance(span, (tuple, list)) and len(span) == 2 and all(is_int(v) for v in span)
     if not (ok and 1 <= span[0] <= span[1]):
         raise ConfigError(f"{task} {name}={span!r} must be (lo, hi) with 1 <= lo <= hi")
+
+
+def check_whole(task: str, name: str, value, low: int) -> None:
+    """An integer setting such as a largest value: a whole number >= low, checked when the task is built: 2.5 or nan
+    (which passes `nan < low`) failed only at the first draw, with random's ValueError or after every draw missed."""
+    if not (is_int(value) and value >= low):
+        raise ConfigError(f"{task} {name}={value!r} must be a whole number >= {low}")
 
 
 def check_request(split: str, n) -> None:
@@ -130,7 +136,7 @@ def check_request(split: str, n) -> None:
     if split not in SPLITS:
         raise ConfigError(f"split={split!r} must be one of {SPLITS}")
     # n=-1 drew problems, then reported "fewer than -1 distinct problems"; 2.5 was a TypeError from slicing
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+    if not is_int(n) or n < 0:
         raise ConfigError(f"n={n!r}: ask for a whole number of examples, 0 or more")
 
 

@@ -9,7 +9,6 @@ solution (the generator's own expression). This is the task of TinyZero (Pan et 
 from __future__ import annotations
 
 import ast
-import numbers
 import random
 import re
 from collections import Counter
@@ -17,7 +16,7 @@ from fractions import Fraction
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.tasks.base import Example, Task, unwrap
+from lmforge.tasks.base import Example, Task, check_whole, unwrap
 
 OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
        ast.Div: lambda x, y: x / y}
@@ -73,11 +72,9 @@ class Countdown(Task):
 
     def __init__(self, *, count: int = 3, max_number: int = 20, max_target: int = 100, instruct: bool = False):
         super().__init__(instruct=instruct)
-        # whole numbers, checked here: max_target=nan passed `nan < 1` and was refused only after MAX_DRAWS draws
-        # (seconds) as a target "missed", max_number=2.5 was random's ValueError at the first draw
+        # max_target=nan passed `nan < 1` and was refused only after MAX_DRAWS draws (seconds) as a target "missed"
         for name, value, low in (("count", count, 2), ("max_number", max_number, 1), ("max_target", max_target, 1)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ConfigError(f"Countdown {name}={value!r} must be a whole number >= {low}")
+            check_whole("Countdown", name, value, low)
         self.count, self.max_number, self.max_target = count, max_number, max_target
 
     def problem(self, rng: random.Random) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import string
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.tasks.base import Example, Task, check_span
+from lmforge.tasks.base import Example, Task, check_span, check_whole
 
 
 class Sorting(Task):
@@ -20,8 +20,7 @@ class Sorting(Task):
     def __init__(self, *, length: tuple[int, int] = (3, 7), max_value: int = 99, instruct: bool = False):
         super().__init__(instruct=instruct)
         check_span(self.name, "length", length)
-        if max_value < 0:
-            raise ConfigError(f"sort max_value={max_value} must be >= 0")
+        check_whole(self.name, "max_value", max_value, 0)
         self.length, self.max_value = length, max_value
 
     def problem(self, rng: random.Random) -> dict[str, Any]:

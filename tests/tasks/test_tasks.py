@@ -12,6 +12,7 @@ from lmforge.tasks import TASKS
 from lmforge.tasks.arithmetic import Arithmetic, step_labels
 from lmforge.tasks.base import final_answer, normalize
 from lmforge.tasks.countdown import evaluate
+from lmforge.tasks.listops import Sorting
 from tests.conftest import shared_data
 
 GENERATED = ["arithmetic", "countdown", "sort", "reverse", "count", "format"]
@@ -569,3 +570,15 @@ def test_countdown_refuses_a_setting_that_is_no_whole_number_before_drawing_a_pr
     (name, value), = setting.items()
     with pytest.raises(ConfigError, match=f"^Countdown {name}={re.escape(repr(value))} must be a whole number >= "):
         Countdown(**setting).examples("train", 1)
+
+
+@pytest.mark.parametrize("make, want", [
+    (lambda: Sorting(max_value=2.5), "sort max_value=2.5"),
+    (lambda: Sorting(max_value=float("nan")), "sort max_value=nan"),
+    (lambda: Sorting(max_value=True), "sort max_value=True"),
+    (lambda: Arithmetic(mul_digits=1.5), "arithmetic mul_digits=1.5")])
+def test_integer_settings_of_every_task_are_whole_numbers_checked_when_built(make, want):
+    """Only Countdown checked its integer settings were whole numbers: Sorting(max_value=2.5 or nan) and
+    Arithmetic(mul_digits=1.5) were built and failed at the first draw with random's ValueError (check_whole)."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(want)} must be a whole number >= \d$"):
+        make()

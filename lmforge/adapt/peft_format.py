@@ -273,6 +273,11 @@ def refuse_pickled(path: str | Path) -> None:
                               f"{shlex.quote(code)}")
 
 
+class NoLocalBase(CheckpointError):
+    """A PEFT adapter directory's base is no local directory (a hub name, a path that is gone): peft_base's refusal,
+    which checkpoint_identity takes as "the adapters' identity alone" (nothing is downloaded)."""
+
+
 def peft_base(path: str | Path, base: str | Path | None = None) -> Path:
     """Where a PEFT adapter directory's base model is: `base` (--base DIR), else its adapter_config.json's
     base_model_name_or_path; refused when that is no local path (nothing is downloaded). A recorded `.../base` that
@@ -284,7 +289,7 @@ def peft_base(path: str | Path, base: str | Path | None = None) -> Path:
             and (Path(path) / "base" / "config.json").is_file()):
         return Path(path) / "base"
     if not isinstance(where, (str, Path)) or not where or not Path(where).exists():
-        raise CheckpointError(f"{path} is a PEFT adapter over the base {where!r}, which is not a local directory "
+        raise NoLocalBase(f"{path} is a PEFT adapter over the base {where!r}, which is not a local directory "
                               "(nothing is downloaded); pass where the base model is: base=DIR or --base DIR")
     return Path(where)
 

@@ -42,18 +42,18 @@ def recorded_base(ckpt: Path) -> dict | None:
 
 def _peft_base(ckpt: Path) -> dict:
     """A PEFT adapter directory's base identity, where its base_model_name_or_path is a local directory."""
-    from lmforge.adapt.peft_format import is_peft_dir, peft_base
+    from lmforge.adapt.peft_format import NoLocalBase, is_peft_dir, peft_base
 
     if not is_peft_dir(ckpt):
         return {}
     try:  # (the one reader of base_model_name_or_path: a moved `lmforge export --adapter` directory's own base/)
         where = peft_base(ckpt)
-    except CheckpointError as e:
-        if isinstance(e.__cause__, (OSError, ValueError)):  # adapter_config.json unreadable: not "no local base"
-            # (taken for a hub base, the identity was the adapters' alone, and the load failed later, elsewhere)
-            raise CheckpointError(f"{e}; the adapter's identity covers the base it names there: repair the file, or "
-                                  "write the adapter again (PEFT save_pretrained, lmforge export --adapter)") from None
-        return {}  # (no local base: a hub name, nothing downloaded)
+    except NoLocalBase:
+        return {}  # (a hub name: nothing downloaded)
+    except CheckpointError as e:  # adapter_config.json unreadable: not "no local base"
+        # (taken for a hub base, the identity was the adapters' alone, and the load failed later, elsewhere)
+        raise CheckpointError(f"{e}; the adapter's identity covers the base it names there: repair the file, or "
+                              "write the adapter again (PEFT save_pretrained, lmforge export --adapter)") from None
     return checkpoint_identity(where)
 
 

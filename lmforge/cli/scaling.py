@@ -4,8 +4,9 @@
     lmforge scaling fit   [--table runs/scaling_sweep/runs.csv --predict 1e12 1e13]
     lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, the active ones for an MoE,
                                                          and the exact count for from_depth's model, or the
-                                                         sweep's with --width 16 --vocab-size 257; --model PRESET,
-                                                         run.toml, a checkpoint or a HF model directory for others)
+                                                         sweep's with --width 16 --vocab-size 257 --seq-len 64;
+                                                         --model PRESET, run.toml, a checkpoint or a HF model
+                                                         directory for others)
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class FlopsArgs:
     --vocab-size and max_seq_len 1024, unless --model is given"""
     width: int = 0
     """channels per layer of --depth for the scaling sweep's models instead (flops.depth_model: d_model =
-    width·depth, heads of width): `--width 16 --vocab-size 257` counts `lmforge scaling sweep`'s model of that
-    depth; 0 = from_depth's"""
+    width·depth, heads of width): `--width 16 --vocab-size 257 --seq-len 64` counts `lmforge scaling sweep`'s model
+    of that depth (at its default seq_len 64, also the model's max_seq_len); 0 = from_depth's"""
     model: str = ""
     """a ModelConfig preset name (llama-small, gpt2-small, ...), an lmforge checkpoint or run directory, a HF model
     directory, or a TOML/JSON file: a run config's [model] section, a run directory's config.json, a checkpoint's or
@@ -158,19 +159,20 @@ def _model_record(path: Path):
 
 
 def _flops(argv: list[str]) -> int:
-    from lmforge.scaling.flops import active_params, flops_6nd, flops_per_token, num_params
+    from lmforge.scaling.flops import build_meta_model, flops_6nd, model_active_params
 
     a = parse_config(FlopsArgs, argv, prog="lmforge scaling flops", description="FLOPs of a model.",
                      config_file=False)
     cfg, seq_len = _flops_model(a)
-    n, active = num_params(cfg), active_params(cfg)
-    print(f"N = {n:,} ({num_params(cfg, exclude_embeddings=True):,} without embeddings)")
+    model = build_meta_model(cfg)  # (once: num_params, active_params and flops_per_token each built one)
+    n, active = model.num_params(), model_active_params(model)
+    print(f"N = {n:,} ({model.num_params(exclude_embeddings=True):,} without embeddings)")
     if active != n:  # an MoE: 6ND counts the parameters a token runs (lmforge.scaling.flops, module docstring)
         print(f"N active = {active:,} per token (top_k of each MoE layer's routed experts)")
     print(f"D = {a.tokens:.4g} training tokens (--tokens)")  # the FLOPs below are for D, not the run's own tokens
     what = f"all {n:,} parameters" if active == n else f"the {active:,} active parameters, not all {n:,}"
     print(f"6ND         = {flops_6nd(active, a.tokens):.4g} FLOPs (N = {what})")
-    print(f"exact count = {flops_per_token(cfg, seq_len) * a.tokens:.4g} FLOPs (seq_len {seq_len})")
+    print(f"exact count = {model.flops_per_token(seq_len, training=True) * a.tokens:.4g} FLOPs (seq_len {seq_len})")
     return 0
 
 

@@ -80,11 +80,17 @@ def num_params(cfg, exclude_embeddings: bool = False) -> int:
 def active_params(cfg) -> int:
     """Parameters one token passes through: num_params less, in every MoE layer, the E - top_k routed experts it
     does not run (an expert's weights and biases: its experts module's parameters / E). num_params for a dense
-    model. The N of 6ND for an MoE (module docstring)."""
+    model. The N of 6ND for an MoE (module docstring). Only lmforge's MoE layers (lmforge.model.layers.moe.MoE)
+    are seen: a model registered through cfg.arch (lmforge.model.registry) with an MoE class of its own is counted
+    at its total, as a dense model would be (the registry reports no active count)."""
+    return model_active_params(build_meta_model(cfg))
+
+
+def model_active_params(model: torch.nn.Module) -> int:
+    """active_params of a built model (a meta one: build_meta_model), for a caller that counts it other ways too."""
     from lmforge.model.layers.moe import MoE
     from lmforge.model.transformer import parameter_count
 
-    model = build_meta_model(cfg)
     skipped = sum((m.E - m.k) * (parameter_count(m.experts) // m.E) for m in model.modules() if isinstance(m, MoE))
     return model.num_params() - skipped
 

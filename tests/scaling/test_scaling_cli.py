@@ -512,6 +512,26 @@ def test_flops_of_an_moe_count_6nd_with_its_active_parameters(capsys):
     assert "N active" not in out and "(N = all 19,335,424 parameters)" in out
 
 
+def test_flops_builds_the_model_once_and_counts_as_the_functions_do(capsys, monkeypatch):
+    """`scaling flops` built the meta model four times (num_params twice, active_params, flops_per_token); once now,
+    with the same counts as those functions give."""
+    from lmforge.cli import main
+    from lmforge.model.config import ModelConfig
+    from lmforge.scaling import flops
+
+    cfg = ModelConfig.preset("mixtral-tiny")
+    n, active, per_token = flops.num_params(cfg), flops.active_params(cfg), flops.flops_per_token(cfg, 128)
+    built = []
+    real = flops.build_meta_model
+    monkeypatch.setattr(flops, "build_meta_model", lambda c: built.append(c) or real(c))
+    assert main(["scaling", "flops", "--model", "mixtral-tiny", "--tokens", "1e6", "--seq-len", "128"]) == 0
+    out = capsys.readouterr().out
+    assert len(built) == 1
+    assert f"N = {n:,} ({flops.num_params(cfg, exclude_embeddings=True):,} without embeddings)" in out
+    assert f"N active = {active:,} per token" in out
+    assert f"exact count = {per_token * 1e6:.4g} FLOPs (seq_len 128)" in out
+
+
 def test_flops_of_a_depth_count_from_depth_or_with_width_the_model_the_sweep_trains(capsys):
     """`scaling flops --depth` builds from_depth's model (64 channels per layer of depth) and had no way to count the
     sweep's models (`--width`, 16 by default): with --width it builds flops.depth_model, the sweep's one builder."""

@@ -22,8 +22,10 @@ step; the margin from the two means), but leave out an absent label's keys and d
 checked) averages each micro-batch's per-label means (gathered over processes) unweighted, and the margins of
 the micro-batches that have both labels, which is not chosen - rejected when the labels are split unevenly.
 One call of `loss` (e.g. an evaluation batch) reports its own per-label means (NaN for a label it lacks) and
-their difference. An MoE or MTP policy's auxiliary losses of its forward on the batch's rows (not the no-grad
-reference-point rows) are added (lmforge.align.logprobs.ModelAux): metrics loss (KTO's alone), aux_loss, moe/*.
+their difference. Validation (lmforge.align.sft.ObjectiveEvaluator) leaves out the means of a label no
+validation batch has, and the margin, as TRL does (val_num_* says which). An MoE or MTP policy's auxiliary
+losses of its forward on the batch's rows (not the no-grad reference-point rows) are added
+(lmforge.align.logprobs.ModelAux): metrics loss (KTO's alone), aux_loss, moe/*.
 """
 
 from __future__ import annotations

@@ -124,7 +124,10 @@ class ObjectiveEvaluator:
     (KTO's per-label means, a reward model's min/max, ORPO's token-mean nll, distillation's token means,
     sequence_mean's token accuracy) come out as the shares' weighted mean instead: leave out the runner to
     evaluate whole batches on every rank. A metric a share or batch cannot define (NaN: KTO's mean over a
-    label it lacks) is averaged over those that do; NaN only if none does."""
+    label it lacks) is averaged over those that do; NaN only if none does. A subset mean (the objective's
+    `subset_means`) whose subset has no row in any batch is left out, with the differences that use it (KTO's
+    val_rewards/rejected, val_logps/rejected and val_rewards/margins when no batch has an undesirable row, as
+    TRL's KTOTrainer logs only the labels present); its count (val_num_rejected) is reported, 0."""
 
     def __init__(self, objective, batches: list[dict[str, torch.Tensor]], runner=None):
         self.objective, self.batches, self.runner = objective, batches, runner
@@ -156,9 +159,13 @@ class ObjectiveEvaluator:
             ok = weight > 0
             per_batch = total[ok] if k.startswith("num_") else total[ok] / weight[ok]
             out[f"val_{k}"] = float(per_batch.mean()) if ok.any() else float("nan")
+        # a subset no batch has a row of (KTO's undesirable label in a validation set of desirable rows) has no
+        # mean: its metrics are left out, as TRL's KTOTrainer leaves them out, rather than logged NaN
+        empty = {k for k, n in subsets.counts.items() if not sums[:, keys.index(n)].sum() > 0} if subsets else set()
         for k, (a, b) in (subsets.differences.items() if subsets is not None else ()):  # (a margin: of the means)
             out[f"val_{k}"] = out[f"val_{a}"] - out[f"val_{b}"]
-        return out
+            empty |= {k} if {a, b} & empty else set()
+        return {k: v for k, v in out.items() if k.removeprefix("val_") not in empty}
 
     def _weight(self, share: dict[str, torch.Tensor]) -> float:
         """Items the share's metrics average over (0 on a rank that shares another's rows and does not report)."""

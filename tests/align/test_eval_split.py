@@ -72,7 +72,7 @@ def test_a_batch_with_fewer_rows_than_ranks_runs_whole_and_counts_once(two_ranks
     model = tiny_model(0).eval()
     one, rows_one = _evaluate(model, objective, batches)
     (m0, rows0), (m1, rows1) = (r["kto_short"] for r in two_ranks)
-    # (a row of one class: the other class's metrics are NaN, on one process too)
+    # (a row of one class: the other class's metrics are left out, on one process too)
     assert m0 == pytest.approx(m1, nan_ok=True) and m0 == pytest.approx(one, rel=1e-5, abs=1e-6, nan_ok=True)
     assert rows0 == rows1 == rows_one
 

@@ -274,6 +274,31 @@ def test_kto_validation_margin_from_the_label_means():
     assert out["val_rewards/margins"] == pytest.approx(out["val_rewards/chosen"] - out["val_rewards/rejected"])
 
 
+def test_kto_validation_leaves_out_a_label_no_batch_has():
+    """A validation set whose batches are all desirable (a small val set, or eval_batches = 1 over a first batch of
+    one label) logged val_rewards/rejected, val_logps/rejected and val_rewards/margins as NaN (`nan` on the console,
+    null in metrics.jsonl). A label without rows has no mean: its metrics are left out, as TRL's KTOTrainer leaves
+    them out; its count is 0. With one batch of each kind every metric is the finite per-label mean."""
+    from lmforge.align.sft import ObjectiveEvaluator
+
+    obj = KTOObjective(KTOConfig(beta=0.3, kl=False), reference=tiny_model(1))
+    good = {**sequences(3, 10, 41, [2, 3, 4], 5), "label": torch.ones(3, dtype=torch.bool)}
+    more = {**sequences(2, 10, 41, [3, 2], 7), "label": torch.ones(2, dtype=torch.bool)}
+    both = {**sequences(2, 10, 41, [2, 3], 6), "label": torch.tensor([True, False])}
+    model = tiny_model(0)
+    with torch.no_grad():
+        out = ObjectiveEvaluator(obj, [good, more])(model)
+        mixed = ObjectiveEvaluator(obj, [good, both])(model)
+        m_good, m_more = (obj.loss(model, b)[1] for b in (good, more))
+    assert not {"val_rewards/rejected", "val_logps/rejected", "val_rewards/margins"} & set(out)
+    assert all(math.isfinite(v) for v in out.values()) and out["val_num_rejected"] == 0
+    assert out["val_rewards/chosen"] == pytest.approx(  # (the mean over batches of each batch's mean)
+        (float(m_good["rewards/chosen"]) + float(m_more["rewards/chosen"])) / 2, rel=1e-5)
+    assert set(mixed) == {f"val_{k}" for k in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen",
+                                               "logps/rejected", "rewards/margins", "num_chosen", "num_rejected")}
+    assert all(math.isfinite(v) for v in mixed.values())
+
+
 def _kto_rank_worker(rank: int, world: int, root: str, batches: list[dict]) -> dict:
     return _kto_step(Path(root), "ranks", batches, 1, dict(dp_replicate=2))
 

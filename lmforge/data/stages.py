@@ -51,7 +51,11 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
 def build_stage(table: dict[str, Any], index: int = 0) -> tuple[StageSpec, Any]:
     """(spec, config) from one `[[stages]]` table: `stage = "name"` plus that stage's options."""
     opts = dict(table)
-    name = opts.pop("stage", None)
+    if "stage" not in opts:
+        hint = " (`name` is not a stage key)" if "name" in opts else ""
+        raise ConfigError(f"stages[{index}] has no `stage` key{hint}; add stage = NAME, NAME one of: "
+                          f"{', '.join(STAGES)}")
+    name = opts.pop("stage")
     if name not in STAGES:
         raise ConfigError(f"stages[{index}].stage = {name!r} is not a stage; choose one of: {', '.join(STAGES)}")
     spec = STAGES[name]

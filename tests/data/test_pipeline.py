@@ -22,6 +22,7 @@ from lmforge.data.pipeline import load_pipeline
 from lmforge.data.readers import read_documents
 from lmforge.data.shards import TokenFile
 from lmforge.data.stage import StageContext
+from lmforge.data.stages import STAGES
 from lmforge.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,6 +195,16 @@ def test_perplexity_refuses_fewer_than_two_scored_tokens():
         with pytest.raises(ConfigError, match=f"perplexity.max_tokens must be >= 2 .* got {n}"):
             PerplexityConfig(model="m", max_tokens=n)
     assert PerplexityConfig(model="m", max_tokens=2).max_tokens == 2
+
+
+@pytest.mark.parametrize("body, hint", [('name = "dedup"', " (`name` is not a stage key)"), ('keep = ["en"]', "")])
+def test_a_stage_table_without_the_stage_key_says_so(tmp_path, body, hint):
+    """`name = "dedup"` written for `stage = "..."` was reported as 'stages[1].stage = None is not a stage'."""
+    bad = _write_pipeline(tmp_path, 'paths = ["x.jsonl"]', f'[[stages]]\nstage = "pii"\n[[stages]]\n{body}\n')
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(bad)
+    assert str(e.value) == (f"stages[1] has no `stage` key{hint}; add stage = NAME, NAME one of: "
+                            + ", ".join(STAGES))
 
 
 def test_config_errors(tmp_path):

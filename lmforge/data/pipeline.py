@@ -22,6 +22,7 @@ parallel); each global stage (dedup) is a phase of its own over the whole corpus
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -206,10 +207,24 @@ def check_stages(cfg: PipelineConfig) -> None:
     """Each stage's own check (`StageSpec.check`), before any document is read: a fastText model file that does not
     load or lacks the label to score (every document was rejected `<stage>:bad_model` and the run exited 0), a
     langid code its model has no label for (every document rejected `langid:language`), doc_sep with a tokenizer
-    that has no end-of-text id (each shard refused it after its earlier phases had run)."""
+    that has no end-of-text id (each shard refused it after its earlier phases had run). A check that loads for a while
+    (`StageSpec.loads`: decontam's eval sets, 12-20 s for large ones, and as long again in each worker while the
+    phase's bar sits at 0) is named in one line before it, with `progress`."""
     for spec, stage in cfg.built_stages():
-        if spec.check is not None:
-            spec.check(stage)
+        if spec.check is None:
+            continue
+        if spec.loads and cfg.progress:
+            print(_loading_notice(cfg, spec, stage), file=sys.stderr, flush=True)
+        spec.check(stage)
+
+
+def _loading_notice(cfg: PipelineConfig, spec: StageSpec, stage: Any) -> str:
+    """'decontam: loading its eval sets' n-gram table (3 file(s), 41.2 MB); each of the 4 workers loads it again
+    before its first shard'."""
+    files = [f for f in (spec.reads(stage) if spec.reads is not None else []) if f.is_file()]
+    size = f" ({len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e6:.1f} MB)" if files else ""
+    again = f"; each of the {cfg.workers} workers loads it again before its first shard" if cfg.workers > 1 else ""
+    return f"{spec.name}: loading {spec.loads}{size}{again}"
 
 
 def release_checked_models() -> None:

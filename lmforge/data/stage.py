@@ -45,7 +45,9 @@ class StageSpec:
     (`pipeline.check_stages`), and the stage meets the same error itself when called directly. `reads`, given the
     config, lists the files the stage reads (a model, a tokenizer, eval sets; present or not): a run fixes them at
     its start (`pipeline.stage_files`, kept in pipeline.json) and fails when they change under it, so the shards of
-    one run never mix two tokenizers, models or eval sets."""
+    one run never mix two tokenizers, models or eval sets. `loads`: what `check` loads that takes a while (decontam's
+    eval sets), named with the size of `reads`' files in one line before it (with the pipeline's `progress`), printed
+    by the driver alone, which says that the workers load it again (they print nothing)."""
 
     name: str
     config: type
@@ -54,6 +56,7 @@ class StageSpec:
     help: str = ""
     check: Callable[[Any], Any] | None = None
     reads: Callable[[Any], list[Path]] | None = None
+    loads: str = ""
 
 
 def run_stage(spec: StageSpec, cfg: Any, docs: list[Document], ctx: StageContext) -> list[Document]:

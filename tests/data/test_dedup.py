@@ -692,3 +692,30 @@ def test_decontamination_split_folders_and_a_folder_with_no_eval_file(tmp_path):
     with pytest.raises(DataError, match=r"decontam.eval_paths '.*only_train' holds no eval file .* it holds "
                                         r"README.md, train.jsonl\); name the eval files outright"):
         eval_files((str(tmp_path / "only_train"),))
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_decontam_says_once_that_it_loads_its_eval_sets(tmp_path, capfd, progress):
+    """decontam read its eval sets for 12-20 s in the driver's check and again in each worker, with nothing shown
+    (the phase's bar sat at 0). One line before the driver's load names it and that the workers load it again; the
+    workers (processes writing to the same stderr) print nothing. progress = false prints it not at all."""
+    from lmforge.config import from_dict
+    from lmforge.data.decontam import _eval_ngrams
+    from lmforge.data.executor import run_local
+    from lmforge.data.pipeline import PipelineConfig
+
+    (tmp_path / "evals.jsonl").write_text(json.dumps({"q": "a held out test question never to be trained on"}) + "\n")
+    for k in range(3):
+        (tmp_path / f"in{k}.jsonl").write_text(json.dumps({"text": f"document {k} of clean training text"}) + "\n")
+    cfg = from_dict(PipelineConfig, {
+        "workers": 2, "progress": progress, "input": {"paths": [str(tmp_path / f"in{k}.jsonl") for k in range(3)],
+                                                      "files_per_shard": 1},
+        "output": {"dir": str(tmp_path / "o")},
+        "stages": [{"stage": "decontam", "eval_paths": [str(tmp_path / "evals.jsonl")], "ngram": 6}]})
+    _eval_ngrams.cache_clear()
+    assert run_local(cfg)["balance"]
+    err = capfd.readouterr().err
+    notice = ("decontam: loading its eval sets' n-gram table (1 file(s), 0.0 MB); each of the 2 workers loads it "
+              "again before its first shard\n")
+    assert err.count("decontam: loading") == (1 if progress else 0)
+    assert (notice in err) == progress

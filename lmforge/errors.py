@@ -57,6 +57,12 @@ def require(module: str, extra: str):
         ) from e
 
 
+class ConfigWarning(UserWarning):
+    """A config's warning of its settings' combination, given when it is built (a warmup longer than the run, ...).
+    Code that copies a config the user's code already built (dataclasses.replace) ignores this category for the
+    copy: the user was told once."""
+
+
 def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
     """warnings.warn attributed to the first frame outside lmforge: the user's line that asked for it, however
     deep inside the library the problem was found."""

@@ -48,10 +48,11 @@ def _show_warning(cmd: str):
     """warnings.showwarning for a command's run: `lmforge CMD: warning: MSG` on one line. The file and source line
     Python would add point at tyro or the console script (warn_caller names the first frame outside lmforge, which
     for a command is one of those), so they say nothing to someone at a terminal."""
+    from lmforge.errors import ConfigWarning
     from lmforge.parallel.reports import report_once  # (N processes of one --nproc launch warn once)
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        kind = "" if category is UserWarning else f" ({category.__name__})"
+        kind = "" if category in (UserWarning, ConfigWarning) else f" ({category.__name__})"
         text = f"lmforge {cmd}: warning{kind}: {message}"
         try:
             if report_once(text):

@@ -101,11 +101,6 @@ class OptimBenchConfig:
         for f in ("depth", "seq_len", "batch_size", "steps", "lr_points", "eval_every", "eval_batches"):
             check(getattr(self, f) >= 1, f"{f} must be >= 1, got {getattr(self, f)}")
         check(self.lr_factor > 1, f"lr_factor must be > 1, got {self.lr_factor}")
-        if self.warmup_steps > self.steps:  # said once here, in the bench's flags (each run's TrainConfig said it too)
-            from lmforge.errors import warn_caller
-
-            warn_caller(f"warmup_steps={self.warmup_steps} > steps={self.steps}: no run's learning rate reaches its "
-                        f"lr; set --warmup-steps to at most {self.steps} (e.g. {max(1, self.steps // 10)})")
         check(self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}")  # torch raised
         check(math.isfinite(self.target_loss) and self.target_loss >= 0,
               f"target_loss must be a finite loss >= 0 (0 = the best final loss of AdamW), got {self.target_loss}")
@@ -169,8 +164,21 @@ class _Curve:
     def on_eval(self, trainer, metrics: dict) -> None:
         self.points.append({"step": trainer.step, "val_loss": metrics["val_loss"], "time": self.timer.total})
 
-WARMUP_WARNING = r"optim\.warmup_steps=\d+ > max_steps"
-"""TrainConfig's warning of a warmup longer than the run, which OptimBenchConfig gives once in the bench's flags"""
+def optim_config(cfg: OptimBenchConfig, name: str, lr: float):
+    """The OptimConfig of one run: `name` at rate `lr`, with the benchmark's other settings."""
+    from lmforge.optim.config import OptimConfig
+
+    return OptimConfig(name=name, lr=lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+                       warmup_steps=cfg.warmup_steps, adam_lr=cfg.adam_lr, min_lr_ratio=0.1,
+                       precondition_frequency=cfg.precondition_frequency, block_size=cfg.block_size)
+
+
+def loop_config(cfg: OptimBenchConfig, ocfg, dev):
+    """The LoopConfig of one run; built once before the runs (run_benchmark) for what its settings warn of."""
+    from lmforge.train.config import LoopConfig
+
+    return LoopConfig(optim=ocfg, max_steps=cfg.steps, eval_every=cfg.eval_every, log_every=cfg.eval_every,
+                      ckpt_every=cfg.steps, keep_last=1, seed=cfg.seed, device=str(dev))
 
 
 def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
@@ -180,27 +188,22 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
     its last good evaluation and gets final loss inf."""
     import torch
 
-    from lmforge.errors import TrainingDiverged
+    from lmforge.errors import ConfigWarning, TrainingDiverged
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer
     from lmforge.optim import build_optimizer, optimizer_state_bytes
-    from lmforge.optim.config import OptimConfig
-    from lmforge.train.config import LoopConfig
     from lmforge.train.harness import FixedBatches, StepTimer, scratch_fit
     from lmforge.train.loss import LMObjective
 
     dev = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = Transformer(ModelConfig.from_depth(cfg.depth, vocab_size=257, max_seq_len=cfg.seq_len))
-    ocfg = OptimConfig(name=name, lr=lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                       warmup_steps=cfg.warmup_steps, adam_lr=cfg.adam_lr, min_lr_ratio=0.1,
-                       precondition_frequency=cfg.precondition_frequency, block_size=cfg.block_size)
+    ocfg = optim_config(cfg, name, lr)
     opt = build_optimizer(model, ocfg)
     # metrics are read (and a NaN loss caught) at evaluations only: no extra host sync between them
-    with warnings.catch_warnings():  # (OptimBenchConfig says a too long warmup once; each run's config said it again)
-        warnings.filterwarnings("ignore", message=WARMUP_WARNING)
-        loop = LoopConfig(optim=ocfg, max_steps=cfg.steps, eval_every=cfg.eval_every, log_every=cfg.eval_every,
-                          ckpt_every=cfg.steps, keep_last=1, seed=cfg.seed, device=str(dev))
+    with warnings.catch_warnings():  # (run_benchmark's loop_config said what its settings warn of, once)
+        warnings.simplefilter("ignore", ConfigWarning)
+        loop = loop_config(cfg, ocfg, dev)
     timer = StepTimer()
     curve = _Curve(timer)
 
@@ -210,9 +213,7 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
         return {"val_loss": float(np.mean(losses))}
 
     try:
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            # (the Trainer's evaluation lines: progress, not results; its copies of the loop config: as above)
-            warnings.filterwarnings("ignore", message=WARMUP_WARNING)
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer's evaluation lines: progress, not results
             scratch_fit(model, opt, FixedBatches(train[: cfg.steps]), LMObjective(), loop, hooks=[timer, curve],
                         evaluator=evaluate)
     except TrainingDiverged:
@@ -256,6 +257,8 @@ def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
     train_ids, val_ids = split_corpus(corpus_bytes(cfg.data), cfg.seq_len)
     train = _batches(train_ids, cfg.steps, cfg, cfg.seed)
     val = _batches(val_ids, cfg.eval_batches, cfg, cfg.seed + 1)
+    first = cfg.optimizers[0]  # what the runs' settings warn of (a warmup longer than the runs, ...), said once
+    loop_config(cfg, optim_config(cfg, first, cfg.lrs[0] if cfg.lrs else DEFAULT_LR[first]), dev)
     if dev.type == "cuda":  # TF32 matmuls, and one short discarded run so CUDA start-up is not timed
         torch.set_float32_matmul_precision("high")
         warm = replace(cfg, steps=3, eval_every=3, warmup_steps=1)

@@ -40,11 +40,11 @@ def check_seq_len(seq_len: int, model: ModelConfig, name: str = "model.max_seq_l
     if seq_len <= model.max_seq_len:
         return
     check(model.pos_emb in ("rope", "none"), f"data.seq_len={seq_len} exceeds {name}={model.max_seq_len}{refusal}")
-    from lmforge.errors import warn_caller
+    from lmforge.errors import ConfigWarning, warn_caller
 
     warn_caller(f"data.seq_len={seq_len} exceeds {name}={model.max_seq_len}: the model trains on {seq_len}-token "
                 f"windows, but its checkpoints serve a {model.max_seq_len}-token context; "
-                + fix.format(seq_len=seq_len))
+                + fix.format(seq_len=seq_len), ConfigWarning)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,35 +207,35 @@ class LoopConfig:
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         model = getattr(self, "model", None)
         if self.optim.head_lr and getattr(model, "tie_embeddings", False):
-            from lmforge.errors import warn_caller
+            from lmforge.errors import ConfigWarning, warn_caller
 
             warn_caller("optim.head_lr has no effect with model.tie_embeddings: the head is the embedding matrix, "
-                        "which optim.embed_lr sets")
+                        "which optim.embed_lr sets", ConfigWarning)
         if self.optim.warmup_steps > self.max_steps:
-            from lmforge.errors import warn_caller
+            from lmforge.errors import ConfigWarning, warn_caller
 
             warn_caller(f"optim.warmup_steps={self.optim.warmup_steps} > max_steps={self.max_steps}: the learning "
-                        "rate never reaches optim.lr")
+                        "rate never reaches optim.lr", ConfigWarning)
         elif self.optim.schedule == "wsd":
             from lmforge.optim.schedules import wsd_decay_start
 
             start = wsd_decay_start(self.max_steps, self.optim.decay_fraction)
             if self.optim.warmup_steps > start:
-                from lmforge.errors import warn_caller
+                from lmforge.errors import ConfigWarning, warn_caller
 
                 warn_caller(f"optim.warmup_steps={self.optim.warmup_steps} runs into the WSD decay, which starts at "
                             f"step {start} of max_steps={self.max_steps} (optim.decay_fraction="
                             f"{self.optim.decay_fraction}): the rate jumps from its peak into the decay; lower "
-                            "warmup_steps or decay_fraction")
+                            "warmup_steps or decay_fraction", ConfigWarning)
         elif self.optim.schedule == "inverse_sqrt" and self.optim.warmup_steps == 0 and self.max_steps > 1:
-            from lmforge.errors import warn_caller
+            from lmforge.errors import ConfigWarning, warn_caller
 
             # sqrt(warmup / (step + 1)): the warmup sets the scale (Vaswani et al.: 4000 steps); without one the rate
             # halves by step 3 and sits at the min_lr_ratio floor from step 1/ratio^2 - 1 on
             end = max(self.optim.min_lr_ratio, (1 / self.max_steps) ** 0.5)
             warn_caller(f"optim.schedule='inverse_sqrt' with optim.warmup_steps=0 decays from the first step as "
                         f"1/sqrt(step + 1): half of optim.lr by step 3, {end:.2g} of it for the last of max_steps="
-                        f"{self.max_steps}; set optim.warmup_steps, the step the decay starts from")
+                        f"{self.max_steps}; set optim.warmup_steps, the step the decay starts from", ConfigWarning)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,11 +266,12 @@ class TrainConfig(LoopConfig):
         check_seq_len(self.data.seq_len, self.model)
         moe = any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))
         if moe and self.model.moe_cfg.top_k == 1 and self.model.moe_cfg.norm_topk:  # (HF Mixtral at top_k=1 too)
-            from lmforge.errors import warn_caller
+            from lmforge.errors import ConfigWarning, warn_caller
 
             warn_caller("model.moe.top_k=1 with norm_topk=true gates each token's expert by exactly 1, so training "
                         "gives the router no gradient from the LM loss (only from aux_loss/z_loss/seq_aux_loss); "
-                        "set model.moe.norm_topk=false to gate by the router's score (Switch Transformer)")
+                        "set model.moe.norm_topk=false to gate by the router's score (Switch Transformer)",
+                        ConfigWarning)
         check(self.parallel.pp == 1 or not (moe or self.model.mtp is not None),
               f"parallel.pp={self.parallel.pp} runs the plain LM loss through the pipeline schedule, which would "
               f"drop this model's {'MoE balancing' if moe else 'MTP'} loss; set parallel.pp=1 (use dp_shard/tp)")

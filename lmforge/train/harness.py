@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+import warnings
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from lmforge.errors import ConfigWarning
 from lmforge.train.config import LoopConfig
 from lmforge.train.objective import Batch, DataSource, Objective
 from lmforge.train.trainer import Trainer, TrainResult
@@ -93,7 +95,9 @@ def scratch_trainer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
     `fit()` writes there). The run starts fresh (resume off) with no progress bar and no plot; every
     other setting comes from `config`."""
     with tempfile.TemporaryDirectory(prefix="lmforge_scratch_") as run_dir:
-        cfg = replace(config, run_dir=run_dir, resume=False, progress=False, plot=False)
+        with warnings.catch_warnings():  # (the caller's config warned of its settings when it was built)
+            warnings.simplefilter("ignore", ConfigWarning)
+            cfg = replace(config, run_dir=run_dir, resume=False, progress=False, plot=False)
         yield Trainer(model, optimizer, data, objective, config=cfg, hooks=hooks, evaluator=evaluator)
 
 

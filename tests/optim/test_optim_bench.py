@@ -172,16 +172,20 @@ def test_a_reference_that_diverged_at_every_rate_hands_the_target_to_the_best_fi
     assert plot_curves(everyone_diverged, tmp_path / "d.png").is_file()
 
 
-def test_a_warmup_longer_than_the_runs_is_said_once_in_the_benchs_flags(tmp_path):
-    """`lmforge bench optimizers --steps 10` said "optim.warmup_steps=20 > max_steps=10" once per run (and per copy
-    of its loop config): the bench config says it once, naming its own flag."""
+def test_what_the_runs_settings_warn_of_is_said_once(tmp_path):
+    """`lmforge bench optimizers --steps 10` said "optim.warmup_steps=20 > max_steps=10" once per run and per copy of
+    its loop config (scratch_fit's), and the WSD and inverse_sqrt warnings the same way: run_benchmark builds one
+    run's loop config first, and the runs ignore the ConfigWarning category."""
     import warnings
 
-    with warnings.catch_warnings(record=True) as got:
-        warnings.simplefilter("always")
-        cfg = OptimBenchConfig(optimizers=("adamw", "lion"), depth=1, seq_len=16, batch_size=2, steps=4, lr_points=1,
-                               eval_every=2, eval_batches=1, warmup_steps=6, out=str(tmp_path))
-        run_benchmark(cfg, log=lambda s: None)
-    said = [str(w.message) for w in got if "warmup" in str(w.message)]
-    assert said == ["warmup_steps=6 > steps=4: no run's learning rate reaches its lr; set --warmup-steps to at most 4 "
-                    "(e.g. 1)"]
+    for schedule, warmup, want in (
+            ("cosine", 6, "optim.warmup_steps=6 > max_steps=4: the learning rate never reaches optim.lr"),
+            ("wsd", 4, "optim.warmup_steps=4 runs into the WSD decay")):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            cfg = OptimBenchConfig(optimizers=("adamw", "lion"), depth=1, seq_len=16, batch_size=2, steps=4,
+                                   lr_points=1, eval_every=2, eval_batches=1, warmup_steps=warmup, schedule=schedule,
+                                   out=str(tmp_path / schedule))
+            run_benchmark(cfg, log=lambda s: None)
+        said = [str(w.message) for w in got if "warmup" in str(w.message)]
+        assert len(said) == 1 and said[0].startswith(want), said

@@ -8,7 +8,7 @@ kept: GSM8K train/test; MMLU train = dev + val (few-shot and tuning), test = tes
 from __future__ import annotations
 
 import csv
-import json
+import io
 import random
 import re
 from pathlib import Path
@@ -56,15 +56,22 @@ class GSM8K(_FileTask):
     templates = ("{q}", "Question: {q}\nSolve step by step and end with 'Answer: <number>'.")
 
     def load(self, split: str) -> list[Example]:
-        out = []
+        """The split's records, read by the data pipeline's one JSON reader (`json_records`: blank lines skipped, a
+        byte-order mark dropped, .jsonl.gz too); a record's index, not its line, keys it."""
+        from lmforge.data.readers import json_records
+
         path = self.root / "gsm8k" / f"{split}.jsonl"
-        for i, line in enumerate(path.read_text().splitlines()):
-            where = f"{path}:{i + 1}"
-            try:
-                rec = json.loads(line)
-                question, answer = rec["question"], rec["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{where}: not a GSM8K record ({{'question', 'answer'}}): {e}") from None
+        if not path.is_file():
+            raise DataError(f"the gsm8k {split} split reads {path}, which is not a file; put {split}.jsonl there or "
+                            f"pass root= the folder holding gsm8k/")
+        out = []
+        for i, rec in enumerate(json_records(path)):
+            where = f"{path}:{rec.key}"
+            value = rec.value if isinstance(rec.value, dict) else {}
+            question, answer = value.get("question"), value.get("answer")
+            if rec.error is not None or not (isinstance(question, str) and isinstance(answer, str)):
+                raise DataError(f"{where}: not a GSM8K record ({{'question': text, 'answer': text}}): "
+                                f"{rec.error or repr(rec.value)[:80]}")
             if "####" not in answer:
                 raise DataError(f"{where}: the answer has no '#### <final answer>' line")
             work, _, ans = answer.rpartition("####")
@@ -110,6 +117,14 @@ class GSM8K(_FileTask):
             return False
 
 
+def _csv_text(path: Path) -> io.StringIO:
+    """A CSV file's text as csv.reader reads it, decoded as the data pipeline decodes text (`decode_text`: a
+    spreadsheet's byte-order mark is no part of the first question, Windows-1252 bytes are read as such)."""
+    from lmforge.data.readers import decode_text
+
+    return io.StringIO(decode_text(path.read_bytes())[0], newline="")
+
+
 # an option letter: "(b)" or "(B)", a capital standing alone, or a lowercase letter that ends the answer (followed by
 # punctuation or the line's end, so the article in "Answer: a matter of taste" is not option A)
 _OPTION = r"(?:\(([a-dA-D])\)|(?-i:([A-D]))\b|(?-i:([a-d]))(?=[).,;:!?]|[ \t]*(?:\n|$)))"
@@ -141,16 +156,17 @@ class MMLU(_FileTask):
         for part in (("dev", "val") if split == "train" else ("test",)):
             for path in sorted((self.root / "mmlu" / part).glob("*.csv")):
                 subject = path.stem.rsplit("_", 1)[0]
-                with path.open(newline="") as f:
-                    for i, row in enumerate(csv.reader(f)):
-                        if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
-                            raise DataError(f"{path}:{i + 1}: an MMLU row is question,A,B,C,D,answer with the answer "
-                                            f"one of A-D; got {len(row)} columns" + (f", answer {row[5]!r}"
-                                                                                     if len(row) == 6 else ""))
-                        q, a, b, c, d, ans = row[:5] + [row[5].strip()]
-                        out.append(Example(prompt=self.templates[0].format(q=q, A=a, B=b, C=c, D=d), answer=ans,
-                                           solution=f"Answer: {ans}", key=f"mmlu:{part}:{subject}:{i}",
-                                           meta={"subject": subject}))
+                for i, row in enumerate(csv.reader(_csv_text(path))):
+                    if not row:  # a blank line (a spreadsheet's last one)
+                        continue
+                    if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+                        raise DataError(f"{path}:{i + 1}: an MMLU row is question,A,B,C,D,answer with the answer "
+                                        f"one of A-D; got {len(row)} columns" + (f", answer {row[5]!r}"
+                                                                                 if len(row) == 6 else ""))
+                    q, a, b, c, d, ans = row[:5] + [row[5].strip()]
+                    out.append(Example(prompt=self.templates[0].format(q=q, A=a, B=b, C=c, D=d), answer=ans,
+                                       solution=f"Answer: {ans}", key=f"mmlu:{part}:{subject}:{i}",
+                                       meta={"subject": subject}))
         return out
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:

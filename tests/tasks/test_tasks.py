@@ -582,3 +582,35 @@ def test_integer_settings_of_every_task_are_whole_numbers_checked_when_built(mak
     Arithmetic(mul_digits=1.5) were built and failed at the first draw with random's ValueError (check_whole)."""
     with pytest.raises(ConfigError, match=rf"^{re.escape(want)} must be a whole number >= \d$"):
         make()
+
+
+def test_gsm8k_reads_its_jsonl_as_the_data_readers_do_and_names_a_bad_file_in_one_line(tmp_path):
+    # a blank line (a trailing one too) and an editor's byte-order mark were "not a GSM8K record"; a missing split file
+    # was a FileNotFoundError traceback, an answer that is no text a TypeError
+    from lmforge.errors import DataError
+    from lmforge.tasks.datasets import GSM8K
+
+    (tmp_path / "gsm8k").mkdir()
+    rec = '{"question": "q%d", "answer": "w\\n#### %d"}'
+    (tmp_path / "gsm8k" / "test.jsonl").write_bytes(("\ufeff" + rec % (1, 1) + "\r\n\n" + rec % (2, 2) + "\n\n")
+                                                    .encode())
+    got = GSM8K(root=tmp_path).load("test")
+    assert [(e.prompt[:2], e.answer, e.key) for e in got] == [("q1", "1", "gsm8k:test:0"), ("Qu", "2", "gsm8k:test:1")]
+    with pytest.raises(DataError, match=r"gsm8k train split reads .*train.jsonl, which is not a file; put train.jsonl"):
+        GSM8K(root=tmp_path).examples("train")
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": 5}\n')
+    with pytest.raises(DataError, match=r"test.jsonl:1: not a GSM8K record .*'answer': 5"):
+        GSM8K(root=tmp_path).examples("test")
+
+
+def test_mmlu_reads_a_spreadsheets_csv_its_mark_blank_line_and_windows_1252_bytes(tmp_path):
+    # the byte-order mark became part of the first question, a blank line "got 0 columns", a cp1252 byte a
+    # UnicodeDecodeError traceback
+    from lmforge.tasks.datasets import MMLU
+
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_bytes("\ufeffq1,a,b,c,d,A\r\n\r\n".encode() +
+                                                            "caf\u00e9?,a,b,c,d,B\r\n".encode("cp1252"))
+    got = MMLU(root=tmp_path).load("test")
+    assert [(e.prompt.split("\n")[0], e.answer, e.key) for e in got] == [("q1", "A", "mmlu:test:x:0"),
+                                                                          ("caf\u00e9?", "B", "mmlu:test:x:2")]

@@ -28,6 +28,8 @@ _WORKED = re.compile(rf"{_QUANTITY}(?:\s*[-+*/x×÷=]{_QUANTITY})+\s*")
 
 class _FileTask(Task):
     subdir = ""
+    files: dict[str, str] = {}
+    """split -> the files under subdir/ that hold it"""
 
     def __init__(self, root: str | Path | None = None, *, instruct: bool = False):
         if instruct:  # (a TypeError before: no such argument)
@@ -44,6 +46,9 @@ class _FileTask(Task):
         """n examples of the split in a seeded random order (all of them when n is None)."""
         check_request(split, 0 if n is None else n)
         rows = self.load(split)
+        if not rows:  # (an accuracy over no examples is 0/0, and a wrong root= finds none)
+            raise DataError(f"the {self.name} {split} split is empty: no records in {self.root / self.subdir}/"
+                            f"{self.files[split]}; pass root= the folder whose {self.subdir}/ holds them")
         if n is not None and n > len(rows):
             raise ConfigError(f"n={n}: the {self.name} {split} split has {len(rows)} examples; ask for 0 to "
                               f"{len(rows)}, or n=None for all")
@@ -53,6 +58,7 @@ class _FileTask(Task):
 
 class GSM8K(_FileTask):
     name, subdir = "gsm8k", "gsm8k"
+    files = {"train": "train.jsonl", "test": "test.jsonl"}
     templates = ("{q}", "Question: {q}\nSolve step by step and end with 'Answer: <number>'.")
 
     def load(self, split: str) -> list[Example]:
@@ -148,6 +154,7 @@ def _letter(m) -> str:
 
 class MMLU(_FileTask):
     name, subdir = "mmlu", "mmlu"
+    files = {"train": "{dev,val}/*.csv", "test": "test/*.csv"}
     templates = ("{q}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer with the letter of the correct option.",)
     answer_shape = _OPTION  # 'the answer is (b)', 'the answer is B', not 'the answer is a matter of taste'
 

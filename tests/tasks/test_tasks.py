@@ -614,3 +614,19 @@ def test_mmlu_reads_a_spreadsheets_csv_its_mark_blank_line_and_windows_1252_byte
     got = MMLU(root=tmp_path).load("test")
     assert [(e.prompt.split("\n")[0], e.answer, e.key) for e in got] == [("q1", "A", "mmlu:test:x:0"),
                                                                           ("caf\u00e9?", "B", "mmlu:test:x:2")]
+
+
+def test_an_empty_file_split_is_refused_not_an_empty_eval_set(tmp_path):
+    # an MMLU folder without test/ (or empty CSVs) and an empty test.jsonl gave [] - an accuracy over nothing
+    from lmforge.errors import DataError
+    from lmforge.tasks.datasets import GSM8K, MMLU
+
+    (tmp_path / "mmlu" / "dev").mkdir(parents=True)
+    (tmp_path / "mmlu" / "dev" / "x_dev.csv").write_text("q,a,b,c,d,A\n")
+    assert len(MMLU(root=tmp_path).examples("train")) == 1
+    with pytest.raises(DataError, match=r"the mmlu test split is empty: no records in .*mmlu/test/\*\.csv; pass root="):
+        MMLU(root=tmp_path).examples("test")
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"the gsm8k test split is empty: no records in .*gsm8k/test.jsonl"):
+        GSM8K(root=tmp_path).examples("test", 0)

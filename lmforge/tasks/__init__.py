@@ -9,6 +9,7 @@ Generated: arithmetic (step-checkable working), countdown, sort, reverse, count,
 From files (../shared/data): gsm8k, mmlu.
 """
 
+from lmforge.errors import ConfigError
 from lmforge.tasks.arithmetic import Arithmetic
 from lmforge.tasks.base import Example, Task
 from lmforge.tasks.countdown import Countdown
@@ -16,8 +17,20 @@ from lmforge.tasks.datasets import GSM8K, MMLU
 from lmforge.tasks.format import FormatCompliance
 from lmforge.tasks.listops import Counting, Reversal, Sorting
 
-TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic, "countdown": Countdown, "sort": Sorting,
-                                "reverse": Reversal, "count": Counting, "format": FormatCompliance,
-                                "gsm8k": GSM8K, "mmlu": MMLU}
 
-__all__ = ["TASKS", "Example", "Task"]
+class UnknownTask(ConfigError, KeyError):
+    """TASKS[name] for a name it does not hold: a KeyError still (`except KeyError` keeps working), worded as one line
+    naming the tasks there are."""
+
+    __str__ = Exception.__str__  # (KeyError's would print the message in quotes)
+
+
+class _Tasks(dict):
+    def __missing__(self, name):
+        raise UnknownTask(f"unknown task {name!r}; choose one of {', '.join(self)}")
+
+
+TASKS: dict[str, type[Task]] = _Tasks(arithmetic=Arithmetic, countdown=Countdown, sort=Sorting, reverse=Reversal,
+                                      count=Counting, format=FormatCompliance, gsm8k=GSM8K, mmlu=MMLU)
+
+__all__ = ["TASKS", "Example", "Task", "UnknownTask"]

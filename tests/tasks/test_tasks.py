@@ -630,3 +630,12 @@ def test_an_empty_file_split_is_refused_not_an_empty_eval_set(tmp_path):
     (tmp_path / "gsm8k" / "test.jsonl").write_text("\n")
     with pytest.raises(DataError, match=r"the gsm8k test split is empty: no records in .*gsm8k/test.jsonl"):
         GSM8K(root=tmp_path).examples("test", 0)
+
+
+def test_an_unknown_task_name_is_one_line_naming_the_tasks():
+    # TASKS["gsm8"] was a bare KeyError: 'gsm8'
+    with pytest.raises(ConfigError) as e:
+        TASKS["gsm8"]
+    assert str(e.value) == ("unknown task 'gsm8'; choose one of arithmetic, countdown, sort, reverse, count, format, "
+                            "gsm8k, mmlu")
+    assert isinstance(e.value, KeyError) and TASKS.get("gsm8") is None and "gsm8k" in TASKS

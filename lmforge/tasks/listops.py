@@ -68,8 +68,11 @@ class Counting(Task):
     def __init__(self, *, length: tuple[int, int] = (5, 12), alphabet: str = "abcd", instruct: bool = False):
         super().__init__(instruct=instruct)
         check_span(self.name, "length", length)
-        if not alphabet:
-            raise ConfigError("count alphabet must hold at least one character")
+        # (5 was a TypeError at the first draw; a space or newline "letter" makes prompts no one can read; a list's
+        # multi-character items were counted as substrings, which overlap: ["a", "aa"])
+        if not (isinstance(alphabet, str) and alphabet and all(c.isprintable() and not c.isspace() for c in alphabet)):
+            raise ConfigError(f"count alphabet={alphabet!r} must be a string of letters to draw from, at least one and "
+                              f"no spaces (e.g. 'abcd')")
         self.length, self.alphabet = length, alphabet
 
     def problem(self, rng: random.Random) -> dict[str, Any]:

@@ -639,3 +639,13 @@ def test_an_unknown_task_name_is_one_line_naming_the_tasks():
     assert str(e.value) == ("unknown task 'gsm8'; choose one of arithmetic, countdown, sort, reverse, count, format, "
                             "gsm8k, mmlu")
     assert isinstance(e.value, KeyError) and TASKS.get("gsm8") is None and "gsm8k" in TASKS
+
+
+@pytest.mark.parametrize("alphabet", [5, ["a", "aa"], " ", "ab\n"])
+def test_count_refuses_an_alphabet_that_is_no_string_of_visible_letters_when_built(alphabet):
+    # 5 was a TypeError at the first draw; ["a", "aa"] counted overlapping substrings; " " and "\n" unreadable prompts
+    from lmforge.tasks.listops import Counting
+
+    with pytest.raises(ConfigError, match=r"count alphabet=.* must be a string of letters to draw from"):
+        Counting(alphabet=alphabet)
+    assert Counting(alphabet="xyz").examples("train", 2)[0].answer.isdigit()

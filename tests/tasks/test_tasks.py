@@ -649,3 +649,14 @@ def test_count_refuses_an_alphabet_that_is_no_string_of_visible_letters_when_bui
     with pytest.raises(ConfigError, match=r"count alphabet=.* must be a string of letters to draw from"):
         Counting(alphabet=alphabet)
     assert Counting(alphabet="xyz").examples("train", 2)[0].answer.isdigit()
+
+
+def test_step_labels_call_a_runaway_number_a_wrong_step_not_a_crash():
+    # int() refuses strings of over 4,300 digits: a rollout's runaway number was a ValueError out of the reward function
+    task = TASKS["arithmetic"]()
+    ex = task.examples("test", 1)[0]
+    runaway = f"1 + 1 = {'9' * 5000}\n{'9' * 5000} * 9 = 1\n2 * 3 = 6"
+    assert step_labels(runaway) == [(f"1 + 1 = {'9' * 5000}", False), (f"{'9' * 5000} * 9 = 1", False),
+                                    ("2 * 3 = 6", True)]
+    assert task.process_labels(ex, runaway)["steps"][0][1] is False
+    assert step_labels(f"{'9' * 4000} * 1 = {'9' * 4000}") == [(f"{'9' * 4000} * 1 = {'9' * 4000}", True)]

@@ -188,8 +188,11 @@ class Task:
                 continue
             seen.add(ex.key)
             out.append(dataclasses.replace(ex, prompt=f"{ex.prompt}\n{self.answer_format}") if self.instruct else ex)
-        raise ConfigError(f"task {self.name!r} has fewer than {n} distinct {split} problems at these settings; "
-                          f"ask for fewer or widen the task's ranges")
+        # (the count found tells how many to ask for; "widen the ranges" alone sent a user of the format task, which has
+        # no settings, looking for some)
+        widen = " or widen the task's ranges" if type(self).__init__ is not Task.__init__ else ""  # (it has settings)
+        raise ConfigError(f"task {self.name!r} has fewer than {n} distinct {split} problems at these settings: "
+                          f"{len(out)} found in {200 * n + 1000} draws; ask for at most {len(out)}{widen}")
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         return final_answer(reply(completion), self.answer_shape)

@@ -660,3 +660,12 @@ def test_step_labels_call_a_runaway_number_a_wrong_step_not_a_crash():
                                     ("2 * 3 = 6", True)]
     assert task.process_labels(ex, runaway)["steps"][0][1] is False
     assert step_labels(f"{'9' * 4000} * 1 = {'9' * 4000}") == [(f"{'9' * 4000} * 1 = {'9' * 4000}", True)]
+
+
+def test_too_many_problems_asked_says_how_many_there_are():
+    # it said "ask for fewer or widen the task's ranges", to the format task too, which has no ranges to widen
+    with pytest.raises(ConfigError, match=r"fewer than 2000 distinct test problems at these settings: 1[0-9]{3} found "
+                                          r"in 401000 draws; ask for at most 1[0-9]{3}$"):
+        TASKS["format"]().examples("test", 2000)
+    with pytest.raises(ConfigError, match=r": 3 found in 21000 draws; ask for at most 3 or widen the task's ranges$"):
+        TASKS["reverse"](length=(1, 1)).examples("test", 100)

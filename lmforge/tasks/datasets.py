@@ -164,8 +164,8 @@ class MMLU(_FileTask):
             for path in sorted((self.root / "mmlu" / part).glob("*.csv")):
                 subject = path.stem.rsplit("_", 1)[0]
                 for i, row in enumerate(csv.reader(_csv_text(path))):
-                    if not row:  # a blank line (a spreadsheet's last one)
-                        continue
+                    if not row or (i == 0 and len(row) == 6 and row[5].strip().lower() == "answer"):
+                        continue  # a blank line (a spreadsheet's last one); a header row (pandas' to_csv writes one)
                     if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
                         raise DataError(f"{path}:{i + 1}: an MMLU row is question,A,B,C,D,answer with the answer "
                                         f"one of A-D; got {len(row)} columns" + (f", answer {row[5]!r}"

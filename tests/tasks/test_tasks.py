@@ -669,3 +669,12 @@ def test_too_many_problems_asked_says_how_many_there_are():
         TASKS["format"]().examples("test", 2000)
     with pytest.raises(ConfigError, match=r": 3 found in 21000 draws; ask for at most 3 or widen the task's ranges$"):
         TASKS["reverse"](length=(1, 1)).examples("test", 100)
+
+
+def test_mmlu_skips_a_header_row(tmp_path):
+    # pandas' to_csv writes question,A,B,C,D,answer first: it was refused as a row whose answer is 'answer'
+    from lmforge.tasks.datasets import MMLU
+
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("question,A,B,C,D,answer\nq,a,b,c,d,C\n")
+    assert [(e.answer, e.key) for e in MMLU(root=tmp_path).load("test")] == [("C", "mmlu:test:x:1")]

@@ -261,7 +261,8 @@ def rolling_windows(ids: list[int], prefix: int, window: int) -> list[tuple[list
 
 def read_score(out: RequestOutput) -> Score:
     """A score-only request's output (LLM.score_request: its prompt ctx + cont, log-probs from len(ctx) on,
-    the context's positions None) as cont's Score. A failed output raises its error."""
+    the context's positions None; or a request's own, with prompt_logprobs >= 1) as cont's Score. A failed output
+    raises its error."""
     if out.error is not None:
         raise out.error
     lps_at = out.prompt_logprobs
@@ -270,12 +271,20 @@ def read_score(out: RequestOutput) -> Score:
                            "prompt log-probs")
     start = next(k for k, d in enumerate(lps_at) if d is not None)
     ctx, cont = out.prompt_token_ids[:start], out.prompt_token_ids[start:]
-    # each step: {its prompt token, then the argmax} (logprob_entries), one key when they are the same.
-    # Greedy means each token IS the argmax (lm-eval: cont == logits.argmax), not merely tied with it
     steps = lps_at[start:]
     lps = [d[t] for d, t in zip(steps, cont)]
-    return Score(sum(lps), all(list(d)[-1] == t for d, t in zip(steps, cont)), list(ctx), list(cont), lps,
+    return Score(sum(lps), all(_is_argmax(d, t) for d, t in zip(steps, cont)), list(ctx), list(cont), lps,
                  out.metrics.get("num_cached_tokens", 0))
+
+
+def _is_argmax(entry: dict[int, float], token: int) -> bool:
+    """Whether `token` IS the argmax of its step (lm-eval: cont == logits.argmax), not merely tied with it, from its
+    prompt log-prob entry (logprob_entries: the token first, then the k likeliest ids, the token kept in its first
+    place when among them). The first other id is the argmax unless the token is; on a tie the argmax is the smaller
+    id (the first maximal one, greedy decoding's). Any k >= 1 reads right (the last key is the argmax only for k = 1,
+    score_request's: a request's own prompt_logprobs=5 was never greedy); k = 0 lists no argmax to compare with."""
+    other = next((i for i in entry if i != token), None)
+    return other is None or (entry[token], -token) > (entry[other], -other)
 
 
 def _score_params(start: int) -> SamplingParams:

@@ -62,3 +62,20 @@ def test_empty_context_with_a_leading_end_of_text_token_is_not_doubled():
     assert got[2] == llm.score([([eot], [72, 105])])[0]  # an empty context stands for the end-of-text token
     with pytest.raises(LmforgeError, match="only the end-of-text"):
         llm.score([([], [eot])])
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("twin_offset", [1, -1])
+def test_read_score_reads_is_greedy_from_any_number_of_prompt_logprobs(k, twin_offset):
+    # the argmax was taken as the entry's last key, right only for k = 1: a request's own prompt_logprobs=2 or 5 read
+    # the greedy token as not greedy
+    from lmforge.infer.score import read_score
+
+    model, first, second = tied_model(twin_offset)
+    llm = LLM(model, ByteTokenizer())
+    params = SamplingParams(max_tokens=0, prompt_logprobs=k, prompt_logprobs_start=len(CTX))
+    got = [read_score(o) for o in llm.generate([CTX + [first], CTX + [second], CTX + [first, 70]], params)]
+    assert [s.is_greedy for s in got[:2]] == [True, False]
+    want = llm.score([(CTX, [first]), (CTX, [second]), (CTX, [first, 70])])
+    assert [s.is_greedy for s in got] == [g for _, g in want]
+    assert [s.logprob for s in got] == pytest.approx([lp for lp, _ in want], abs=1e-5)

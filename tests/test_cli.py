@@ -472,3 +472,13 @@ def test_train_help_says_what_data_train_and_val_take(capsys):
     for flag in ("--data.train", "--data.val"):
         help_ = re.search(re.escape(flag) + r" \[STR \[STR \.\.\.\]\] (.*?) \(default", text).group(1)
         assert all(w in help_ for w in ("token shard files", "directory", "*.bin", "glob pattern")), (flag, help_)
+
+
+@pytest.mark.parametrize("name, line", [("p.txt", "Once"), ("p.jsonl", '{"prompt": "Once"}')])
+def test_generate_prompts_file_drops_a_byte_order_mark(tmp_path, name, line):
+    """A Windows editor's byte-order mark opened the first prompt of a text file (the model saw its three bytes) and
+    made a .jsonl file's first line 'not valid JSON'."""
+    from lmforge.cli.generate import GenerateConfig, read_prompts
+
+    (tmp_path / name).write_text(f"\ufeff{line}\nTwice\n" if name == "p.txt" else f"\ufeff{line}\n", encoding="utf-8")
+    assert read_prompts(GenerateConfig(checkpoint="x", prompts_file=str(tmp_path / name)))[0] == "Once"

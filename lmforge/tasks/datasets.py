@@ -63,7 +63,7 @@ class GSM8K(_FileTask):
 
     def load(self, split: str) -> list[Example]:
         """The split's records, read by the data pipeline's one JSON reader (`json_records`: blank lines skipped, a
-        byte-order mark dropped, .jsonl.gz too); a record's index, not its line, keys it."""
+        byte-order mark dropped); a record's index, not its line, keys it."""
         from lmforge.data.readers import json_records
 
         path = self.root / "gsm8k" / f"{split}.jsonl"

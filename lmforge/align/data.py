@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 
 from lmforge.align.config import KTOConfig, PostDataConfig, data_kind, resolve
-from lmforge.errors import DataError, LmforgeError
+from lmforge.errors import DataError, LmforgeError, warn_caller
 from lmforge.infer.chat_template import MARKER, ChatTemplate, choose_template, get_template
 from lmforge.model.meta import packed_positions
 from lmforge.tokenizer.load import takes_where
@@ -652,7 +652,9 @@ def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, options:
         raise DataError("no training data: set data.train to one or more JSONL files")
     spec = data_kind(kind)
     # data.template, else chatml or plain as the tokenizer allows (posttrain passes the one it resolved)
-    template, _ = choose_template(tokenizer, cfg.template or None, plain="data.template='plain'")
+    template, notice = choose_template(tokenizer, cfg.template or None, plain="data.template='plain'")
+    if notice:  # (a library caller's fallback to plain is said, as LLM.chat says it)
+        warn_caller(notice)
     enc = Encoder(tokenizer, template.name, cfg.loss_on)
     items, report = load_records(cfg.train, enc, kind, cfg.seq_len, cfg.on_error, cfg.truncation)
     if cfg.val:

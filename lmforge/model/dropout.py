@@ -4,25 +4,35 @@ the objectives TRL's trainers do (`disable_dropout`), while the checkpoints keep
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 from torch import nn
 
 from lmforge.model.layers.attention import AttnSpec
 
 
-def set_dropout(model: nn.Module, p: float) -> int:
-    """Set every dropout of `model` to probability `p`: the nn.Dropout modules (embeddings, sublayer outputs, LoRA's
-    input dropout, a wrapped HF model's) and the dropout attention applies to its weights, which is no module but the
-    `dropout` of the layer's training AttnSpec (Attention, MLA: any layer holding a `train_spec`). The layer's own
-    `dropout` is set too, as Attention rebuilds its specs from it when its parameters are replaced (FSDP2).
-    Returns how many dropouts had another probability."""
-    changed = 0
+def dropout_sites(model: nn.Module) -> Iterator[tuple[nn.Module, float]]:
+    """Every place `model` applies dropout, with its probability: the nn.Dropout modules (embeddings, sublayer
+    outputs, LoRA's input dropout, a wrapped HF model's) and the layers whose training AttnSpec (`train_spec`:
+    Attention, MLA) drops attention weights, which is no module. The one walk set_dropout and activation
+    checkpointing's draws_random share: a dropout site added here is known to both."""
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
-            changed += m.p != p
-            m.p = p
+            yield m, m.p
         spec = getattr(m, "train_spec", None)
         if isinstance(spec, AttnSpec):
-            changed += spec.dropout != p
-            m.dropout, m.train_spec = p, dataclasses.replace(spec, dropout=p)
+            yield m, spec.dropout
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set every dropout of `model` (dropout_sites) to probability `p`. An attention layer's own `dropout` is set
+    with its training AttnSpec, as Attention rebuilds its specs from it when its parameters are replaced (FSDP2).
+    Returns how many dropouts had another probability."""
+    changed = 0
+    for m, was in list(dropout_sites(model)):
+        changed += was != p
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = p
+        else:
+            m.dropout, m.train_spec = p, dataclasses.replace(m.train_spec, dropout=p)
     return changed

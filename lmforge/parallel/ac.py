@@ -42,14 +42,12 @@ def draws_random(model: nn.Module) -> bool:
     attention's dropout on its weights, the `dropout` of a layer's training AttnSpec). The modules, not
     model.cfg.dropout: post-training's drop_dropout sets them to 0 and keeps the config's (set_dropout). True for
     a model without an lmforge ModelConfig."""
-    from lmforge.model.layers.attention import AttnSpec
+    from lmforge.model.dropout import dropout_sites
 
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(cfg, "dropout"):
         return True
-    return (cfg.mlp == "moe" and cfg.moe_cfg.noisy) or any(
-        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-        or isinstance(spec := getattr(m, "train_spec", None), AttnSpec) and spec.dropout > 0 for m in model.modules())
+    return (cfg.mlp == "moe" and cfg.moe_cfg.noisy) or any(p > 0 for _, p in dropout_sites(model))
 
 
 def apply_ac(model: nn.Module, mode: str, every: int = 1) -> nn.Module:

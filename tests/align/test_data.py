@@ -2,6 +2,7 @@
 preference / KTO batches, bad records named and counted, exact resume of the data source."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -483,7 +484,11 @@ def test_build_sources_without_a_template_renders_chatml_or_plain_as_the_tokeniz
     chatml = Tokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|im_start|>", "<|im_end|>"])
     for tok, text in ((TOK, "User: hi\nAssistant: yo<|endoftext|>"),
                       (chatml, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n")):
-        src, _, _ = D.build_sources(PostDataConfig(train=(str(path),), val_fraction=0), tok, "sft", seed=0)
+        with warnings.catch_warnings(record=True) as said:  # the fallback to plain is said, as LLM.chat says it
+            warnings.simplefilter("always")
+            src, _, _ = D.build_sources(PostDataConfig(train=(str(path),), val_fraction=0), tok, "sft", seed=0)
         assert tok.decode(src.items[0][0]) == text
+        assert [str(w.message) for w in said if "plain" in str(w.message)] == (
+            ["this tokenizer has no chatml special tokens: using the plain template"] if tok is TOK else [])
     with pytest.raises(DataError, match=r"^chat template 'chatml' uses <\|im_start\|> but the tokenizer encodes"):
         D.build_sources(PostDataConfig(train=(str(path),), template="chatml"), TOK, "sft", seed=0)

@@ -72,6 +72,12 @@ def test_a_model_whose_dropout_was_switched_off_draws_no_random_numbers(attentio
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     assert draws_random(weights_only)  # attention's dropout on its weights, which is no module
+    from lmforge.model.dropout import dropout_sites
+
+    # one walk for both (set_dropout sets the sites draws_random reads): all at 0 after set_dropout, the same sites
+    sites, others = list(dropout_sites(model)), list(dropout_sites(weights_only))
+    assert len(sites) == len(others) > 0 and all(p == 0.0 for _, p in sites)
+    assert {p for m, p in others if hasattr(m, "train_spec")} == {0.1}  # attention's, which no nn.Dropout holds
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

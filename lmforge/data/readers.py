@@ -181,14 +181,31 @@ BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "u
 _BOM_STARTS = frozenset(bom[:1] for bom, _ in BOMS)
 
 
+# the control bytes that say "binary" when they are more than 5% of a head: C0 less NUL (alone decisive) and those text
+# holds - tab, line ends, and what a terminal log keeps: ESC of its colour codes, backspace, form feed
+_BINARY_CONTROLS = bytes(c for c in range(1, 32) if c not in (0x08, 0x09, 0x0A, 0x0C, 0x0D, 0x1B))
+
+
 def looks_binary(raw: bytes) -> bool:
     """True for bytes that are no text: NUL bytes or many control characters in the first 4 KiB (images,
-    archives, PDFs, token ids renamed .html or .txt). UTF-16 text with a byte-order mark is text."""
+    archives, PDFs, token ids renamed .html or .txt). A head under 64 bytes is judged by NUL alone (one control
+    byte made "hi\\x01" binary). UTF-16 text with a byte-order mark is text."""
     head = raw[:4096]
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return False
-    control = sum(head.count(bytes([c])) for c in (*range(0, 9), 11, 12, *range(14, 32)))
-    return b"\0" in head or control > len(head) // 20
+    if b"\0" in head:
+        return True
+    control = len(head) - len(head.translate(None, _BINARY_CONTROLS))
+    return len(head) >= 64 and control > len(head) // 20
+
+
+def _mostly_binary(head: bytes) -> bool:
+    """Whether most bytes of the non-blank lines of a head are in lines that look binary: a text file read by line
+    with one line of NULs is text less that line, random bytes or token ids are binary (their short lines that hold
+    no NUL are a few % of them)."""
+    lines = [line for line in head.split(b"\n") if line.strip()]
+    text = sum(len(line) for line in lines if not looks_binary(line))
+    return 2 * text < sum(map(len, lines))
 
 
 def _windows_1252_char(b: int) -> str:
@@ -245,18 +262,22 @@ def _error_doc(path: Path, where: str, reason: str, err: BaseException | None = 
     return Document(id=stable_id(str(path), where, reason), meta=meta, drop=f"read_error:{reason}")
 
 
-def _binary_doc(path: Path) -> Document:
-    """The one `read_error:binary` record of a text or JSON Lines file whose bytes are no text (`looks_binary`)."""
-    doc = _error_doc(path, "file", "binary")
+def _binary_doc(path: Path, where: str = "file") -> Document:
+    """The one `read_error:binary` record of a text or JSON Lines file whose bytes are no text (`looks_binary`), or
+    of one binary line or paragraph (`where`) of a text file read by line or paragraph."""
+    doc = _error_doc(path, where, "binary")
     doc.meta["error"] = (f"{path}: not text (NUL or control bytes in its first 4 KiB: binary data); leave it out of "
-                         "input.paths")
+                         "input.paths" if where == "file" else
+                         f"{path}: {where} is not text (NUL or control bytes: binary data); the file's others are read")
     return doc
 
 
 def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
     """Plain text: the whole file is one document (unit="file"), or one per line / blank-line paragraph. A
     compressed file cut short is a `read_error` after the lines (paragraphs) read before the cut, the last of them
-    with it (it may be cut too), as JSON Lines are read; with unit="file" the one document is that error."""
+    with it (it may be cut too), as JSON Lines are read; with unit="file" the one document is that error. A file
+    whose first 4 KiB look binary (`looks_binary`) is one `read_error:binary`; read by line or paragraph, only when
+    most of that head is binary (`_mostly_binary`), else each piece that looks binary is its own."""
     path = Path(path)
     parts: list[bytes] = []
     cut: BaseException | None = None
@@ -274,7 +295,8 @@ def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
         yield _error_doc(path, "file", archive_reason(cut), cut)
         return
     data = b"".join(parts)
-    if looks_binary(data):  # decoded, it was a document of control characters, kept
+    binary = looks_binary(data)
+    if binary and (unit == "file" or _mostly_binary(data[:4096])):  # decoded: a document of control characters, kept
         yield _binary_doc(path)
         return
     text, bad = decode_text(data)
@@ -285,6 +307,9 @@ def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
         pieces = pieces[:-1]
     for i, piece in enumerate(pieces):
         if unit != "file" and not piece.strip():
+            continue
+        if binary and looks_binary(piece.encode("utf-8", "surrogatepass")):  # (a line of NULs in a text file)
+            yield _binary_doc(path, f"{unit} {i + 1}")
             continue
         meta: dict[str, Any] = {"source": str(path)}
         if bad:
@@ -374,16 +399,31 @@ def _head(path: Path, n: int = 4096) -> bytes:
     return b"".join(parts)
 
 
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(decode_text(line)[0]), dict)
+    except ValueError:
+        return False
+
+
+def _binary_records(path: Path) -> bool:
+    """Whether a JSON file whose first record does not parse is binary data: its head looks binary (`looks_binary`)
+    and no whole line of it is a JSON record (an object: a number or string may be a line of any bytes). A file
+    opening with a line of NULs before its records is text: that line one bad_json, the records kept."""
+    head = _head(path)
+    return looks_binary(head) and not any(_is_record(line) for line in head.split(b"\n")[:-1])
+
+
 def read_jsonl(path: str | Path, *, text_key: str = "text", id_key: str = "id") -> Iterator[Document]:
     """JSON Lines, or a `.json` file holding one JSON array, read by `json_records`. Other top-level keys go into
     `meta`. A record without the text field is `read_error:missing_text`. A file whose first record does not parse
-    and whose head is binary (`looks_binary`) is one `read_error:binary` record: not a `bad_json` record per "line"
-    of its bytes, as many as they happened to hold."""
+    and whose head is binary (`_binary_records`) is one `read_error:binary` record: not a `bad_json` record per
+    "line" of its bytes, as many as they happened to hold."""
     path = Path(path)
     where = "line 0"
     try:
         for rec in json_records(path):
-            if rec.error is not None and where == "line 0" and looks_binary(_head(path)):
+            if rec.error is not None and where == "line 0" and _binary_records(path):
                 yield _binary_doc(path)  # (the head read again only here: a good file is read once)
                 return
             where = rec.where

@@ -298,3 +298,53 @@ def test_a_json_array_is_found_after_any_blank_lines_and_its_file_decompressed_o
     docs = list(read_documents(p))
     assert [(d.id, d.text, d.drop) for d in docs] == [(str(i), f"document {i}", None) for i in range(3)]
     assert opened == [p]
+
+
+@pytest.mark.parametrize("name", ["nul.jsonl", "nul.jsonl.gz"])
+def test_a_jsonl_opening_with_a_line_of_nuls_keeps_its_good_records(tmp_path, name):
+    """A first line of NUL bytes made the whole file one `read_error:binary` (its head has a NUL, so looks_binary
+    said yes), every good record after it lost (found 2026-12-07): a file is binary only when no line of its head is
+    a JSON record, so it is one bad_json and the records kept."""
+    data = b"\0" * 100 + b"\n" + ROWS
+    p = tmp_path / name
+    p.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    docs = list(read_documents(p))
+    assert _drops(docs) == ["read_error:bad_json"] and docs[0].meta["where"] == "line 1"
+    assert [d.id for d in docs[1:]] == [str(i) for i in range(200)]
+
+
+def test_a_text_file_read_by_line_drops_only_its_binary_lines(tmp_path):
+    """With unit="line" one NUL in the first 4 KiB threw every line of the file away as `read_error:binary`: the
+    file is one binary record only when most of its head is binary; else a binary line (paragraph) is its own
+    `read_error:binary` and the other lines are kept. unit="file" keeps the verdict of the whole head."""
+    import random
+
+    p = tmp_path / "log.txt"
+    rest = "".join(f"line {i} of the log\n" for i in range(3, 203)).encode()
+    p.write_bytes(b"first line\n" + b"\0" * 100 + b"\nsecond line\n\n" + rest)
+    docs = list(read_documents(p, unit="line"))
+    assert [(d.text, d.drop) for d in docs[:4]] == [("first line", None), ("", "read_error:binary"),
+                                                    ("second line", None), ("line 3 of the log", None)]
+    assert docs[1].meta["where"] == "line 2" and len(docs) == 203 and _drops(docs) == ["read_error:binary"]
+    assert [(d.text[:10], d.drop) for d in read_documents(p, unit="paragraph")] == [
+        ("", "read_error:binary"), ("line 3 of ", None)]
+    assert _drops(read_documents(p, unit="file")) == ["read_error:binary"]
+    noise = tmp_path / "noise.txt"  # random bytes: one record, not a document or an error per "line" of them
+    noise.write_bytes(random.Random(0).randbytes(20000))
+    for unit in ("line", "paragraph", "file"):
+        assert _drops(read_documents(noise, unit=unit)) == ["read_error:binary"]
+
+
+def test_terminal_colour_codes_and_a_short_file_are_text_not_binary(tmp_path):
+    """ESC (colour codes), backspace and form feed counted as binary control bytes: a terminal log with dense colour
+    codes was dropped as `read_error:binary`, and a file under 20 bytes with one of them ("hi\\x1b") was binary too
+    (found 2026-12-07). A head under 64 bytes is judged by NUL alone."""
+    from lmforge.data.readers import looks_binary
+
+    log = "".join(f"\x1b[3{i % 8}m{i:>3}\x1b[0m ok\x1b[K\r\x08\x08\n" for i in range(200)) + "\x0c"
+    p = tmp_path / "build.log"
+    p.write_text(log)
+    assert [d.text for d in read_documents(p)] == [log]
+    assert not looks_binary(b"hi\x1b") and not looks_binary(b"hi\x01\x02") and looks_binary(b"hi\x00")
+    assert looks_binary(bytes(range(1, 32)) * 4)  # many other control bytes are still binary
+

@@ -126,3 +126,14 @@ def test_binary_data_named_as_text_is_refused_as_the_data_pipeline_refuses_it(tm
     utf16 = tmp_path / "u16.txt"
     utf16.write_bytes("the cat sat on the mat\n".encode("utf-16") * 3)  # text with a byte-order mark stays text
     assert train_bpe([text, utf16], 260, progress=False).vocab_size == 260
+
+
+def test_a_terminal_log_with_colour_codes_is_text(tmp_path):
+    """check_text_file refused a terminal log with dense colour codes as binary data (ESC counted as a binary
+    control byte; 2026-12-07): ESC, backspace and form feed are text, and the log trains."""
+    from lmforge.tokenizer.train import check_text_file, train_bpe
+
+    log = tmp_path / "build.log"
+    log.write_text("".join(f"\x1b[1;3{i % 8}mstep {i}\x1b[0m loss \x1b[32m{i / 7:.3f}\x1b[0m\n" for i in range(300)))
+    check_text_file(log)
+    assert train_bpe([log], 270, progress=False).vocab_size == 270

@@ -127,15 +127,14 @@ def _opens_as(head: bytes, codec: str) -> bool:
     return codec == "zstd" and 0x50 <= head[0] <= 0x5F and head[1:4] == b"\x2a\x4d\x18"[:len(head) - 1]
 
 
-def _check_magic(path: Path, codec: str | None) -> None:
-    """Raise NotCompressed for a file whose name says `codec` and whose first bytes say otherwise, which the
-    decompressor would report as damage ("BadGzipFile: Not a gzipped file") when renaming is the fix: to the
-    suffix of the codec its bytes do open (gzip named .zst), else with the suffix dropped. An empty file, or one
-    shorter than the magic number that matches as far as it goes, is left to the decompressor. A file named plain
-    (codec None) whose first 4 bytes open a gzip or zstd stream is told to take that codec's suffix: read as it is,
-    its compressed bytes were a `bad_json` record per "line", or a document of them kept."""
-    with open(path, "rb") as f:
-        head = f.read(4)  # (shown in the message)
+def _check_magic(path: Path, codec: str | None, head: bytes) -> None:
+    """Raise NotCompressed for a file whose name says `codec` and whose first bytes (`head`, 4 of them where the file
+    has them) say otherwise, which the decompressor would report as damage ("BadGzipFile: Not a gzipped file") when
+    renaming is the fix: to the suffix of the codec its bytes do open (gzip named .zst), else with the suffix
+    dropped. An empty file, or one shorter than the magic number that matches as far as it goes, is left to the
+    decompressor. A file named plain (codec None) whose first 4 bytes open a gzip or zstd stream is told to take
+    that codec's suffix: read as it is, its compressed bytes were a `bad_json` record per "line", or a document of
+    them kept."""
     if codec is None:
         found = next((c for c in MAGIC if len(head) == 4 and _opens_as(head, c)), None)
         if found is not None:
@@ -165,13 +164,18 @@ def open_binary(path: str | Path) -> BinaryIO:
     as compressed raises NotCompressed here."""
     path = Path(path)
     codec = compression(path)
-    _check_magic(path, codec)
+    f = open(path, "rb")
+    try:  # the magic read through the handle returned (peek: nothing consumed), not by opening the file again
+        _check_magic(path, codec, f.peek(4)[:4])
+        if codec == "zstd":
+            return io.BufferedReader(_ZstdFrames(f, require("zstandard", "data")))  # type: ignore[return-value]
+    except BaseException:
+        f.close()
+        raise
     if codec == "gzip":
+        f.close()
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    if codec == "zstd":
-        zstd = require("zstandard", "data")
-        return io.BufferedReader(_ZstdFrames(open(path, "rb"), zstd))  # type: ignore[return-value]
-    return open(path, "rb")
+    return f
 
 
 # Byte-order marks, longest first: a BOM decides the encoding before any declaration (WHATWG Encoding Standard,

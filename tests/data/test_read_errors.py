@@ -348,3 +348,14 @@ def test_terminal_colour_codes_and_a_short_file_are_text_not_binary(tmp_path):
     assert not looks_binary(b"hi\x1b") and not looks_binary(b"hi\x01\x02") and looks_binary(b"hi\x00")
     assert looks_binary(bytes(range(1, 32)) * 4)  # many other control bytes are still binary
 
+
+def test_a_plain_file_is_opened_once(tmp_path, monkeypatch):
+    """open_binary opened every plain file twice (once more to read its first 4 bytes for the magic check); the
+    check reads them through the handle it returns. Its verdicts are unchanged (the tests above)."""
+    from lmforge.data import readers
+
+    opened = []
+    monkeypatch.setattr(readers, "open", lambda *a, **kw: opened.append(a[0]) or open(*a, **kw), raising=False)
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(ROWS)
+    assert len(list(read_documents(p))) == 200 and opened == [p]

@@ -282,31 +282,25 @@ def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
 
 @contextmanager
 def output_dir_lock(cfg: PipelineConfig) -> Iterator[RunDirLock]:
-    """The lock on output.dir that a run takes (`_check_run_dir`, once the checks that write nothing passed) and
-    holds to its end: `RunDirLock`, training's run_dir lock (flock on output.dir/.lock; the kernel drops it when the
-    process dies, so a kill -9 leaves no stale lock). Two runs in one output.dir at once (a pipeline started twice,
-    a resume while the first still ran) removed the phase files each other was reading: those shards read as
-    `read_error:io` and their kept documents were lost."""
-    lock = RunDirLock(Path(cfg.output.dir))
+    """The lock on output.dir that a run takes (`_check_run_dir`: before the stages' checks load anything when
+    output.dir exists, else once the checks passed, before the first file is written) and holds to its end:
+    `RunDirLock`, training's run_dir lock (flock on output.dir/.lock; the kernel drops it when the process dies, so a
+    kill -9 leaves no stale lock). Two runs in one output.dir at once (a pipeline started twice, a resume while the
+    first still ran) removed the phase files each other was reading: those shards read as `read_error:io` and their
+    kept documents were lost."""
+    lock = RunDirLock(Path(cfg.output.dir), what="pipeline run", key="output.dir",
+                      in_process="another run of this process")
     try:
         yield lock
     finally:
         lock.release()
 
 
-def _hold_output_dir(lock: RunDirLock, root: Path) -> None:
-    try:
-        lock.acquire()
-    except ConfigError:  # (its message speaks of training)
-        holder = lock.path.read_text(errors="replace").strip() or "unknown"
-        raise ConfigError(f"output.dir {str(root)!r} is in use by another pipeline run (PID {holder}); wait for it "
-                          "to end or stop it, or choose a new output.dir") from None
-
-
-def _check_run_dir(cfg: PipelineConfig, restart: bool = False, lock: RunDirLock | None = None
+def _check_run_dir(cfg: PipelineConfig, restart: bool, lock: RunDirLock
                    ) -> tuple[dict[str, list[Path]], dict[str, list[list]]]:
     """Check that output.dir and the token directory can be written (`check_token_dirs`), the optional packages
-    the pipeline needs, each stage's own check (`check_stages`: its model files and labels), then that output.dir
+    the pipeline needs, each stage's own check (`check_stages`: its model files and labels; after `lock` is taken
+    where output.dir exists, so a run refused for a run in progress loads nothing first), then that output.dir
     holds nothing or an earlier run of this pipeline on these same inputs (names, sizes, modification times);
     `restart` empties the directory of an earlier run first (`run_entries` only). The files the stages read
     (`stage_files`: a tokenizer, models, eval files) are fixed for the run and kept in pipeline.json; a resumed run
@@ -318,8 +312,6 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False, lock: RunDirLock 
     saved = root / "pipeline.json"
     shards = make_shards(cfg.input)
     files = [f for fs in shards.values() for f in fs]
-    check_requirements(cfg, files)
-    check_stages(cfg)
     inside = [f for f in files if f.resolve().is_relative_to(root.resolve())]
     if inside:
         raise ConfigError(f"input {inside[0]} lies inside output.dir {root}: a run writes (and --restart removes) "
@@ -327,9 +319,12 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False, lock: RunDirLock 
     if (holder := _input_dir_holding(cfg, root)) is not None:
         raise ConfigError(f"output.dir {root} lies inside the input directory {holder}: a rerun (a resume, "
                           "--restart) would read this run's files as inputs; choose an output.dir outside it")
+    if root.is_dir():  # (none there is no run's; its .lock is no run entry and, hidden, no input: utils.input_files)
+        lock.acquire()
+    check_requirements(cfg, files)
+    check_stages(cfg)
     orphan = None if saved.is_file() else _orphan_output(cfg)
-    if lock is not None:  # before the first file is removed or written
-        _hold_output_dir(lock, root)
+    lock.acquire()  # (held already, or taken here, making output.dir) before the first file is removed or written
     if restart:
         remove_token_files(root)  # before the records that name them go with the run's entries
         for entry in run_entries(cfg):  # only what a run writes: other files in the directory stay

@@ -20,12 +20,16 @@ def check_run_dir(run_dir: str | Path) -> None:
 class RunDirLock:
     """An exclusive, non-blocking lock on RUN_DIR/.lock (flock), so a second process training into the same
     run_dir is refused instead of interleaving its metrics and checkpoints with the first one's. The kernel
-    drops it when the process dies (a SIGKILL leaves no stale lock); the file holds the holder's PID."""
+    drops it when the process dies (a SIGKILL leaves no stale lock); the file holds the holder's PID. The refusal
+    names the setting `key` and the holder `what`, with `in_process` when this process holds the lock (the data
+    pipeline's output.dir lock passes its own: "output.dir", "pipeline run")."""
 
     _held: dict[Path, "RunDirLock"] = {}  # the run_dirs this process holds (a conflict there may be garbage)
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, what: str = "training process", key: str = "run_dir",
+                 in_process: str = "another Trainer of this process: call its close() or let its fit end"):
         self.path = Path(run_dir) / ".lock"
+        self.what, self.key, self.in_process = what, key, in_process
         self._file = None
 
     @property
@@ -58,10 +62,9 @@ class RunDirLock:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
-            mine = " (another Trainer of this process: call its close() or let its fit end)" if key in \
-                RunDirLock._held else ""
-            raise ConfigError(f"run_dir {str(self.path.parent)!r} is in use by another training process (PID "
-                              f"{holder}){mine}; wait for it to end or stop it, or use another run_dir") from None
+            mine = f" ({self.in_process})" if key in RunDirLock._held else ""
+            raise ConfigError(f"{self.key} {str(self.path.parent)!r} is in use by another {self.what} (PID "
+                              f"{holder}){mine}; wait for it to end or stop it, or use another {self.key}") from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

@@ -102,11 +102,38 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused_and_removes_nothing(t
         held.flush()
         for restart in (False, True):
             with pytest.raises(ConfigError, match=r"output.dir '.*run' is in use by another pipeline run \(PID 4242\); "
-                                                  r"wait for it to end or stop it, or choose a new output.dir"):
+                                                  r"wait for it to end or stop it, or use another output.dir$"):
                 run_local(load_pipeline(p), restart=restart)
         assert _files(tmp_path / "run") == before
     assert run_local(load_pipeline(p))["shards"] == {"total": 3, "processed": 0, "skipped": 9}
     assert run_local(load_pipeline(p), restart=True)["shards"]["processed"] == 9  # released by each run's end
+
+
+def test_an_output_dir_in_use_is_refused_before_the_stages_checks_load_anything(tmp_path, monkeypatch):
+    """The lock was taken after the stages' checks, so a second run with decontam loaded its eval sets (12-20 s)
+    before it was refused; it is taken before them (when output.dir exists: one that does not is no run's, and a
+    run refused by a check leaves no output.dir behind)."""
+    import fcntl
+
+    from lmforge.data import pipeline
+
+    inputs = _inputs(tmp_path / "in")
+    p = _pipeline(tmp_path, inputs)
+    (tmp_path / "run").mkdir()
+
+    def loads(*args):
+        raise AssertionError("a stage's check ran")
+
+    monkeypatch.setattr(pipeline, "check_stages", loads)
+    monkeypatch.setattr(pipeline, "check_requirements", loads)
+    with open(tmp_path / "run" / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(ConfigError, match=r"in use by another pipeline run \(PID 4242\)"):
+            run_local(load_pipeline(p))
+    with pytest.raises(AssertionError, match="a stage's check ran"):  # free: the checks run (then the lock is held)
+        run_local(load_pipeline(p))
 
 
 def test_markers_without_pipeline_json_are_refused_until_restart(tmp_path):

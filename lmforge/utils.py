@@ -128,10 +128,11 @@ def input_files(patterns: Iterable[str | Path]) -> list[Path]:
 
 def read_utf8(path: str | Path, what: str, *, want: str = "a text file",
               error: type[LmforgeError] = ConfigError) -> str:
-    """The text of the file `path`, read as UTF-8. A directory, a missing or unreadable file, or bytes that are
-    not UTF-8 raise one line of `error` (ConfigError for a config file, DataError for data) naming `what` (the
-    file's setting: 'config file', '--prompts-file'), the path and the fix; `want` is what to give instead of
-    a directory ('a TOML or JSON file')."""
+    """The text of the file `path`, read as UTF-8 (a leading byte-order mark dropped: a Windows editor's, no part
+    of the text). A directory, a missing or unreadable file, or bytes that are not UTF-8 raise one line of `error`
+    (ConfigError for a config file, DataError for data) naming `what` (the file's setting: 'config file',
+    '--prompts-file'), the path and the fix; `want` is what to give instead of a directory ('a TOML or JSON
+    file')."""
     path = Path(path)
     if path.is_dir():
         raise error(f"{what} {path} is a directory; give {want}")
@@ -142,7 +143,7 @@ def read_utf8(path: str | Path, what: str, *, want: str = "a text file",
     except OSError as e:
         raise error(f"{what} {path} cannot be read: {e.strerror}") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # (a Windows editor's byte-order mark is no part of the text)
     except UnicodeDecodeError as e:
         raise error(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.end]!r}); save it as "
                     "UTF-8") from None

@@ -357,3 +357,14 @@ def test_check_finite_names_the_field_of_a_non_finite_float_or_tuple_of_floats()
         check_finite(Cfg(rate=float("inf")), "s")
     with pytest.raises(ConfigError, match=r"^s.pair must be a finite number, got \(0.5, nan\)$"):
         check_finite(Cfg(pair=(0.5, float("nan"))), "s")
+
+
+def test_a_config_file_with_a_byte_order_mark_reads(tmp_path):
+    """A Windows editor's byte-order mark made a TOML config "not valid TOML (line 1, column 1)" and a JSON one
+    "Unexpected UTF-8 BOM": read_utf8, the one reader of config and prompts files, drops it."""
+    from lmforge.config import read_config_file
+
+    (tmp_path / "run.toml").write_bytes("\ufeffmax_steps = 2\n".encode())
+    (tmp_path / "run.json").write_bytes("\ufeff{\"max_steps\": 2}".encode())
+    for name in ("run.toml", "run.json"):
+        assert read_config_file(tmp_path / name) == {"max_steps": 2}

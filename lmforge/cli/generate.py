@@ -71,7 +71,6 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
         text = read_utf8(path, "--prompts-file", want="a text or JSONL file of prompts", error=DataError)
-        text = text.removeprefix("\ufeff")  # a Windows editor's byte-order mark: no part of the first prompt
         for i, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue

@@ -282,7 +282,8 @@ def _is_argmax(entry: dict[int, float], token: int) -> bool:
     prompt log-prob entry (logprob_entries: the token first, then the k likeliest ids, the token kept in its first
     place when among them). The first other id is the argmax unless the token is; on a tie the argmax is the smaller
     id (the first maximal one, greedy decoding's). Any k >= 1 reads right (the last key is the argmax only for k = 1,
-    score_request's: a request's own prompt_logprobs=5 was never greedy); k = 0 lists no argmax to compare with."""
+    score_request's: a request's own prompt_logprobs=5 was never greedy); k = 0 lists no argmax to compare with, so
+    the token reads as the argmax whatever it is (docs/inference.md says to ask for k >= 1)."""
     other = next((i for i in entry if i != token), None)
     return other is None or (entry[token], -token) > (entry[other], -other)
 

@@ -25,11 +25,6 @@ from lmforge.errors import ConfigError
 from lmforge.tasks.base import Example, Task, check_span, check_whole
 
 STEP_RE = re.compile(r"^\s*(\d+(?:\s*[+*]\s*\d+)+)\s*=\s*(-?\d+)\s*$")
-# a number longer than this in a working line is a rollout's runaway, a wrong step: int() refuses strings of over 4,300
-# digits, which crashed the reward function (a reference step reaches it only with mul_digits past 2,000)
-RUNAWAY = re.compile(r"\d{4001}")
-
-
 def add_steps(a: int, b: int) -> list[str]:
     """Column additions from the units up: 'da + db + carry = s' (s = written digit + 10 * next carry)."""
     steps, carry = [], 0
@@ -56,15 +51,18 @@ def mul_steps(a: int, b: int) -> list[str]:
 
 def step_labels(completion: str, reference: list[str] | None = None) -> list[tuple[str, bool]]:
     """(line, correct) for every working line of the form 'expr = value' (+ and * over integers): its value
-    is right (never with a number of over 4,000 digits: RUNAWAY). With the reference working (a problem's steps, in
-    order), also: it is the reference's step at its index (the same terms in any order, the same value) and all
-    steps before it were correct."""
+    is right (a number too long for int(), a rollout's runaway, is a wrong step). With the reference working (a
+    problem's steps, in order), also: it is the reference's step at its index (the same terms in any order, the
+    same value) and all steps before it were correct."""
     out, on_track = [], True
     for line in completion.splitlines():
         m = STEP_RE.match(line)
         if m:
             terms = [t for t in re.split(r"\s*\+\s*", m.group(1))]
-            ok = not RUNAWAY.search(line) and sum(_product(t) for t in terms) == int(m.group(2))
+            try:
+                ok = sum(_product(t) for t in terms) == int(m.group(2))
+            except ValueError:  # int() refuses a rollout's runaway number (sys.get_int_max_str_digits): a wrong step
+                ok = False
             if reference is not None:
                 i = len(out)
                 on_track = ok = ok and on_track and i < len(reference) and _same_step(line, reference[i])

@@ -64,14 +64,18 @@ class GSM8K(_FileTask):
     def load(self, split: str) -> list[Example]:
         """The split's records, read by the data pipeline's one JSON reader (`json_records`: blank lines skipped, a
         byte-order mark dropped); a record's index, not its line, keys it."""
-        from lmforge.data.readers import json_records
+        from lmforge.data.readers import ARCHIVE_ERRORS, json_records
 
         path = self.root / "gsm8k" / f"{split}.jsonl"
         if not path.is_file():
             raise DataError(f"the gsm8k {split} split reads {path}, which is not a file; put {split}.jsonl there or "
                             f"pass root= the folder holding gsm8k/")
         out = []
-        for i, rec in enumerate(json_records(path)):
+        try:
+            records = list(json_records(path))
+        except (OSError, *ARCHIVE_ERRORS) as e:  # (unreadable; compressed bytes under a plain name: rename it)
+            raise DataError(f"the gsm8k {split} split {path} cannot be read: {e}") from None
+        for i, rec in enumerate(records):
             where = f"{path}:{rec.key}"
             value = rec.value if isinstance(rec.value, dict) else {}
             question, answer = value.get("question"), value.get("answer")

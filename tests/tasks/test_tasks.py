@@ -601,6 +601,11 @@ def test_gsm8k_reads_its_jsonl_as_the_data_readers_do_and_names_a_bad_file_in_on
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": 5}\n')
     with pytest.raises(DataError, match=r"test.jsonl:1: not a GSM8K record .*'answer': 5"):
         GSM8K(root=tmp_path).examples("test")
+    import gzip
+
+    (tmp_path / "gsm8k" / "test.jsonl").write_bytes(gzip.compress(b'{"question": "q", "answer": "#### 1"}\n'))
+    with pytest.raises(DataError, match=r"the gsm8k test split .*test.jsonl cannot be read: .*gzip"):
+        GSM8K(root=tmp_path).examples("test")  # (json_records' NotCompressed, a ValueError: it was a traceback)
 
 
 def test_mmlu_reads_a_spreadsheets_csv_its_mark_blank_line_and_windows_1252_bytes(tmp_path):
@@ -660,6 +665,15 @@ def test_step_labels_call_a_runaway_number_a_wrong_step_not_a_crash():
                                     ("2 * 3 = 6", True)]
     assert task.process_labels(ex, runaway)["steps"][0][1] is False
     assert step_labels(f"{'9' * 4000} * 1 = {'9' * 4000}") == [(f"{'9' * 4000} * 1 = {'9' * 4000}", True)]
+    import sys
+
+    was = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(640)  # (PYTHONINTMAXSTRDIGITS: the limit is the interpreter's, not a fixed 4,300)
+    try:
+        want = [(f"1 + 2 = {'9' * 1000}", False), ("2 * 3 = 6", True)]
+        assert step_labels(f"1 + 2 = {'9' * 1000}\n2 * 3 = 6") == want
+    finally:
+        sys.set_int_max_str_digits(was)
 
 
 def test_too_many_problems_asked_says_how_many_there_are():

@@ -22,7 +22,8 @@ def check_engine(policy: KVPolicy, spec, draft, config) -> None:
                           f"got {policy.ordered_slots!r}")
     if spec is None:
         raise ConfigError(f"kv_policy={name} needs a model with cache_spec() (the paged cache); this one runs on "
-                          "the recompute runner, which keeps no cache")
+                          "the recompute runner, which keeps no cache: load the checkpoint as lmforge's Transformer "
+                          "(Transformer.from_pretrained, not HFCausalLM) or drop kv_policy")
     if draft is not None:
         what = repr(draft) if isinstance(draft, str) else type(draft).__name__
         raise ConfigError(f"kv_policy={name} with speculative decoding (draft={what}) is not supported: drafts "

@@ -540,6 +540,19 @@ def test_refusals(tok):
         Engine(NoSpec(), tok, EngineConfig(kv_policy=StreamingLLM(window=8)))
 
 
+@pytest.mark.parametrize("kind", ["ssm", "hybrid"])
+def test_recurrent_state_models_are_refused_for_their_own_reason(tok, kind):
+    """A model with recurrent-state layers is refused naming those layers (it was refused with the sliding-window
+    reason, masks measuring windows on slots, which such a model does not have) and the fix."""
+    from .state_models import tiny_state_model
+
+    with pytest.raises(ConfigError, match=r"recurrent-state layers .*keep no keys.*drop kv_policy") as e:
+        Engine(tiny_state_model(kind), tok, EngineConfig(kv_policy=StreamingLLM(window=8)))
+    assert "windows on cache slots" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="windows on cache slots"):  # the sliding-window refusal is unchanged
+        Engine(tiny_model("llama", sliding_window=5), tok, EngineConfig(kv_policy=StreamingLLM(window=8)))
+
+
 class PaddedPyramid(KVPolicy):
     """PyramidKV's wish (fewer keys in upper layers) forced into one K: layer 1's 8 newest slots, padded to
     layer 0's 16 by repeating one of them (attention would count that key 9 times)."""

@@ -58,9 +58,10 @@ observing the prompt's last tokens, SnapKV, has them computed: `observed_tail`, 
 Preemption recomputes from token 0 (evicted = 0, state restarted: the recomputed tokens are a prompt, except
 for H2O, which evicts from a recomputed output as it comes).
 Forks copy the parent's state (`fork`). Refused with a one-line error (`check_engine`): speculative decoding
-and token trees (drafts rewind and move keys by position), sliding-window and recurrent-state models
-(windows are measured on slots), models without cache_spec(), and kernel_step=True (the batch-1 kernel step
-writes each key at its position's slot; it is off with a policy), and a policy with needs_scores on a
+and token trees (drafts rewind and move keys by position), sliding-window models (windows are measured on
+slots), recurrent-state models (state layers keep no keys; a plan covers every layer), models without
+cache_spec(), and kernel_step=True (the batch-1 kernel step writes each key at its position's slot; it is off
+with a policy), and a policy with needs_scores on a
 CacheStore that does not declare `calls_score_hook` (its attend would never feed `observe`). CUDA graphs and
 the Triton decode kernel read each row's context length in slots, so they stay on. A CacheStore's cache is
 told of every applied plan after the keys moved (`PagedCache.compacted(seq_id, keep, old_num_slots)`, also when

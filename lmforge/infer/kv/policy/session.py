@@ -29,8 +29,12 @@ def check_engine(policy: KVPolicy, spec, draft, config) -> None:
         raise ConfigError(f"kv_policy={name} with speculative decoding (draft={what}) is not supported: drafts "
                           "rewind and move keys by position; use one or the other")
     kinds = {layer.kind for layer in spec.layers}
+    if "state" in kinds:
+        raise ConfigError(f"kv_policy={name} on a model with recurrent-state layers (kinds {sorted(kinds)}) is not "
+                          "supported: those layers keep no keys to evict (their state has a fixed size) and a plan "
+                          "covers every layer (a hybrid's attention layers alone are not built); drop kv_policy")
     if kinds - {"full", "latent"} or any(layer.window for layer in spec.layers):
-        raise ConfigError(f"kv_policy={name} on a model with sliding-window or recurrent-state layers (kinds "
+        raise ConfigError(f"kv_policy={name} on a model with sliding-window layers (kinds "
                           f"{sorted(kinds)}, window {max(layer.window for layer in spec.layers)}) is not supported: "
                           "its masks measure windows on cache slots, which eviction renumbers; use a full-attention "
                           "model")

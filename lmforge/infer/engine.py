@@ -109,6 +109,12 @@ class Engine:
                  num_draft_tokens: int = 4, acceptance=None):
         self.config = config = config or EngineConfig()
         self.model = model  # its mode is the caller's (a Trainer may share it): steps switch to eval mode
+        if getattr(tokenizer, "has_text", True) and not callable(getattr(tokenizer, "decode", None)):
+            # (outputs' texts decode every token: an AttributeError deep in detok.py at the first step; token-id
+            # callers pass lmforge.infer.detok.IdTokenizer, has_text = False)
+            raise ConfigError(f"the engine needs a tokenizer with decode(), got {type(tokenizer).__name__}; pass the "
+                              "model's own (lmforge.load_tokenizer(path), or LLM.load(checkpoint), which loads the one "
+                              "saved with it; IdTokenizer(vocab_size) for token ids without text)")
         self.tokenizer = tokenizer
         first = next(model.parameters(), None)
         if first is None:  # (the engine reads the model's device, dtype and cache from its parameters)

@@ -242,6 +242,14 @@ def test_a_tokenizer_larger_than_the_model_is_refused_naming_the_fix(tok):
         Engine(tiny_model("llama", vocab_size=64), tok, EngineConfig(block_size=4))
 
 
+def test_an_engine_without_a_tokenizer_is_refused_in_one_line():
+    """LLM(model, None) started, then failed at the first prompt or step in detok.py ('NoneType' object has no
+    attribute 'decode'): the engine needs one to give outputs their text."""
+    with pytest.raises(LmforgeError, match=r"^the engine needs a tokenizer with decode\(\), got NoneType; pass the "
+                                           r"model's own"):
+        LLM(tiny_model("llama"), None)
+
+
 def test_prompt_logprobs_start_past_the_prompt_is_refused(tok):
     """A start past the prompt's last token gave no prompt log-probs at all, silently (request.py cut it to the
     prompt); the engine knows the prompt's length, so it refuses it naming both, and queues nothing."""

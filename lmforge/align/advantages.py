@@ -1,6 +1,7 @@
 """Advantages for policy-gradient RL on the Trainer's (B, T) grid: GAE for PPO with a critic, group-relative
 advantages for GRPO and RLOO without one, and masked whitening.
 
+    kl = kl_penalty(logps, ref_logps, mask)                          # (B, T): KL to the reference, 0 off the mask
     rewards = outcome_rewards(scores, mask) - kl_coef * kl           # (B, T): the score on the last token
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)      # PPO: values from lmforge.align.value
     adv = masked_whiten(adv, mask)
@@ -21,6 +22,13 @@ On rows whose response starts at position 0 and is right-padded, this is TRL's P
 
 Whitening (masked_whiten) is TRL's PPO's (the masked form of lm-human-preferences' whiten): mean and unbiased
 variance over the masked entries, (x - mean) / sqrt(var + 1e-8), optionally keeping the mean (rewards).
+
+KL to a reference (kl_penalty): the per-token estimators of KL(pi || ref) from tokens sampled from pi in
+Schulman's "Approximating KL Divergence" (2020), with log r = log ref(x) - log pi(x): k1 = -log r (unbiased;
+TRL's PPO default, InstructGPT's penalty), k2 = (log r)^2 / 2 (biased, low variance), k3 = (r - 1) - log r
+(unbiased, >= 0; GRPO's KL term, TRL's GRPOTrainer). Positions outside the mask are 0: token_logprobs gives a
+meaningless value at a -100 target, which would otherwise put a penalty on the prompt and padding (TRL's PPO
+sets both log-probs to one constant there for the same reason).
 
 Group-relative advantages (outcome supervision): each prompt's `group_size` completions are consecutive
 rows (SamplingParams(n=...)'s order). GRPO (Shao et al. 2024, "DeepSeekMath", §4.1.2): A_i = (r_i -
@@ -44,6 +52,8 @@ def _grid(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.shape != like.shape or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ConfigError(f"{name} must be a (B, T) tensor shaped like the mask {tuple(like.shape)}, got {shape}")
+    if x.device != like.device:  # (e.g. a reference's log-probs left on its own device)
+        raise ConfigError(f"{name} is on {x.device} but the mask on {like.device}: move it there (.to(mask.device))")
 
 
 @torch.no_grad()
@@ -62,7 +72,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     if outside.any():
         row, col = (int(i) for i in outside.nonzero()[0])
         raise ConfigError(f"rewards[{row}, {col}] = {float(rewards[row, col]):g} lies outside the mask, where GAE "
-                          "would drop it; put a sequence's score on its last response token (outcome_rewards)")
+                          "would drop it; put a sequence's score on its last response token (outcome_rewards) and "
+                          "keep per-token terms inside the mask (kl_penalty(logps, ref_logps, mask) is 0 outside)")
     keep = m.to(dtype)
     # where, not * keep: a NaN or inf value in the padding must not reach the row (NaN * 0 = NaN)
     r, v = torch.where(m, rewards.to(dtype), 0.0), torch.where(m, values.to(dtype), 0.0)
@@ -76,6 +87,31 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         adv[:, t] = last
         next_v = v[:, t]  # already 0 where the mask is off: the episode before it ends there
     return adv, (adv + v) * keep
+
+
+KL_ESTIMATORS = {  # log r = log ref(x) - log pi(x) -> the per-token estimate of KL(pi || ref) (Schulman 2020)
+    "k1": lambda log_r: -log_r,
+    "k2": lambda log_r: 0.5 * log_r ** 2,
+    "k3": lambda log_r: torch.expm1(log_r) - log_r,
+}
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, *, kind: str = "k1"
+               ) -> torch.Tensor:
+    """(B, T) fp32 estimate of KL(pi || ref) at each sampled token (k1, k2 or k3 of KL_ESTIMATORS), 0 outside
+    `mask`; logps, ref_logps (B, T): the policy's and the reference's log-probs of the sampled tokens (token_logprobs).
+    Differentiable in both (GRPO's k3 term in the loss); a reward penalty uses it without gradients."""
+    if kind not in KL_ESTIMATORS:
+        raise ConfigError(f"kind={kind!r} must be one of {sorted(KL_ESTIMATORS)} (Schulman's KL estimators; k1: TRL's "
+                          "PPO penalty, k3: GRPO's)")
+    _grid("logps", logps, mask)
+    _grid("ref_logps", ref_logps, mask)
+    m = mask.bool()
+    # where on the inputs, not only on the result: a NaN or inf log-prob outside the mask (padding) must reach neither
+    # the value nor, through exp's backward (0 * inf = NaN), the gradient
+    dtype = torch.promote_types(torch.promote_types(logps.dtype, ref_logps.dtype), torch.float32)
+    log_r = torch.where(m, ref_logps.to(dtype), 0.0) - torch.where(m, logps.to(dtype), 0.0)
+    return torch.where(m, KL_ESTIMATORS[kind](log_r), 0.0)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
@@ -166,6 +202,9 @@ def outcome_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or scores.shape != m.shape[:1]:
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ConfigError(f"scores must be a (B,) = ({m.shape[0]},) tensor, one per row, got {shape}")
+    if scores.device != m.device:
+        raise ConfigError(f"scores are on {scores.device} but the mask on {m.device}: move them there "
+                          "(.to(mask.device))")
     _finite("scores", scores, "drop its row")
     if not m.any(-1).all():
         row = int((~m.any(-1)).nonzero()[0])

@@ -35,6 +35,7 @@ import torch
 from lmforge.adapt.lora import adapter_names, adapters_disabled, lora_layers
 from lmforge.align.config import FROZEN_DTYPE_NAMES, check_beta, check_frozen_dtype  # noqa: F401 (re-export)
 from lmforge.align.logprobs import batch_logps, model_inputs
+from lmforge.align.value import policy_of
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.utils import eval_mode, pick_device
 
@@ -255,6 +256,10 @@ class BaseReference(Frozen):
                               f"{type(self.model).__name__} has none, so it would be its own reference")
         adapters = adapter_names(self.model)  # each LoRA layer's own (LoRALinear.adapter_params)
         trained = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in adapters]
+        if trained and policy_of(self.model) is not self.model:  # an actor-critic: its value head trains
+            raise ConfigError(f"BaseReference: {trained[0]} is trained, so {type(self.model).__name__} with adapters "
+                              "off is not the starting model; the KL anchor is the policy alone: "
+                              "BaseReference(model.backbone)")
         if trained:
             raise ConfigError(f"BaseReference: {trained[0]} is trained (LoRAConfig.trainable or requires_grad), so "
                               "the policy with adapters off is not the starting model; freeze it, or give a "

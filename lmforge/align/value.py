@@ -259,6 +259,16 @@ class PolicyAndCritic(_PolicyFront):
             raise ConfigError(f"PolicyAndCritic's critic must be a ValueModel (e.g. ValueModel(copy.deepcopy("
                               f"reward_model.backbone))), got {type(critic).__name__}")
         self.backbone, self.critic = policy, critic
+        self._ran = (True, False)  # (policy, critic): the trunks the last forward ran, whose aux losses count
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The MoE losses of the trunks the last forward ran: the policy's, and the critic's while it trains (a MoE
+        critic's balancing keeps its router learning); never a trunk's from an earlier forward, whose graph a
+        backward freed. None without any."""
+        policy, critic = self._ran
+        terms = [t for t in (self.backbone.aux_loss() if policy else None, self.critic.aux_loss() if critic else None)
+                 if t is not None]
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         return (self.backbone.flops_per_token(seq_len, training)  # the Trainer's MFU counts both trunks
@@ -287,9 +297,11 @@ class PolicyAndCritic(_PolicyFront):
         if not values:
             if not logits:
                 raise ConfigError("PolicyAndCritic(..., logits=False) computes nothing: set values=True for the values")
+            self._ran = (True, False)
             return self.backbone(input_ids, positions, cache, meta, return_hidden=return_hidden)
         if return_hidden or cache is not None:
             raise ConfigError("PolicyAndCritic: values=True is for training forwards (no cache, no return_hidden)")
+        self._ran = (logits, True)
         v = self.critic(input_ids, positions, meta)
         return v if not logits else (self.backbone(input_ids, positions, None, meta), v)
 

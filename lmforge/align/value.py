@@ -201,6 +201,12 @@ class PolicyWithValue(_PolicyFront):
         _check_backbone(policy, "PolicyWithValue", shared=True)
         self.backbone = policy
         self.value_head = value_linear(policy)
+        self._values_only = False  # the last forward ran the trunk alone (values(ids)): no LM head, no MTP heads
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The policy's aux losses of the last forward (MoE, MTP); after values alone, the trunk's MoE losses, not
+        an MTP loss an earlier forward kept (its graph freed by that step's backward)."""
+        return trunk_aux_loss(self.backbone) if self._values_only else self.backbone.aux_loss()
 
     def param_roles(self) -> dict[str, str]:
         return _param_roles(self)
@@ -216,6 +222,7 @@ class PolicyWithValue(_PolicyFront):
         values=True: (logits, values (B, T) fp32) from one trunk forward; with logits=False the values alone
         (the trunk and final norm, no LM head). Every output goes through here, not through side methods, so
         FSDP2's and DDP's forward hooks (which gather and reduce the root's parameters) always run."""
+        self._values_only = values and not logits
         if not values:
             if not logits:
                 raise ConfigError("PolicyWithValue(..., logits=False) computes nothing: set values=True for the values")

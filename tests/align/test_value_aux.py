@@ -40,3 +40,25 @@ def test_a_moe_critics_aux_losses_reach_the_loss_and_none_are_stale():
     shared = PolicyWithValue(moe(0)).train()
     shared.policy_and_values(ids)
     torch.testing.assert_close(shared.aux_loss(), shared.backbone.aux_loss())  # one trunk: its own
+
+
+def test_a_shared_trunks_values_alone_bring_no_stale_mtp_loss():
+    """PolicyWithValue.values runs the trunk without the LM head and the MTP heads: its aux losses are the trunk's
+    MoE ones, not the MTP loss an earlier policy forward kept (backward through it again raised)."""
+    from lmforge.model.config import MTPConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, mtp=MTPConfig(depth=1))
+    ac = PolicyWithValue(Transformer(cfg)).train()
+    ids = torch.randint(0, 32, (2, 8))
+    logits = ac(ids)
+    assert float(ac.aux_loss().detach()) > 0  # the policy forward's MTP loss
+    (logits.mean() + ac.aux_loss()).backward()
+    values = ac.values(ids)
+    assert ac.aux_loss() is None  # no MoE in the trunk, and the MTP heads did not run
+    values.mean().backward()
+    ac.policy_and_values(ids)
+    assert float(ac.aux_loss().detach()) > 0  # the LM head ran: the MTP loss counts again
+    moe_ac = PolicyWithValue(moe(0)).train()
+    moe_ac.values(ids)
+    torch.testing.assert_close(moe_ac.aux_loss(), moe_ac.backbone.aux_loss())  # the trunk's MoE losses stay

@@ -51,7 +51,9 @@ from lmforge.errors import ConfigError
 def _grid(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.shape != like.shape or x.dim() != 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConfigError(f"{name} must be a (B, T) tensor shaped like the mask {tuple(like.shape)}, got {shape}")
+        hint = ("; one score per sequence goes on its last response token: outcome_rewards(scores, mask)"
+                if name == "rewards" and shape == tuple(like.shape[:1]) else "")  # (B,): a score per sequence
+        raise ConfigError(f"{name} must be a (B, T) tensor shaped like the mask {tuple(like.shape)}, got {shape}{hint}")
     if x.device != like.device:  # (e.g. a reference's log-probs left on its own device)
         raise ConfigError(f"{name} is on {x.device} but the mask on {like.device}: move it there (.to(mask.device))")
 

@@ -88,3 +88,11 @@ def test_bad_input_is_refused_in_one_line():
         masked_whiten(away, mask)
     with pytest.raises(ConfigError, match=r"^scores are on meta but the mask on cpu"):
         outcome_rewards(torch.empty(3, device="meta"), mask)
+
+
+def test_gae_given_one_score_per_sequence_names_outcome_rewards():
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ConfigError, match=r"^rewards must be a \(B, T\) tensor shaped like the mask \(2, 5\), got "
+                                          r"\(2,\); one score per sequence goes on its last response token: "
+                                          r"outcome_rewards\(scores, mask\)$"):
+        gae(torch.tensor([1.0, 0.0]), torch.zeros(2, 5), mask)

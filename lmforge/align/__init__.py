@@ -14,6 +14,7 @@ RL), the log-prob and masked-reduction utilities they share, and data builders (
   value.py      per-token value heads: ValueModel (a separate critic), PolicyWithValue (one trunk: logits and
                 values in one forward, the engine still sees the policy), PolicyAndCritic (policy + a separate
                 critic as one trained, checkpointed module)
-  advantages.py GAE, masked whitening, GRPO group and RLOO leave-one-out advantages, outcome rewards
+  advantages.py GAE, masked whitening, GRPO group and RLOO leave-one-out advantages, outcome rewards, the
+                per-token KL penalty to a reference (k1/k2/k3)
   prm.py        process reward models: step formatting, ProcessRewardObjective (per-step BCE), prm_scores
 """

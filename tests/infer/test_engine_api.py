@@ -367,6 +367,10 @@ def test_update_weights_from_a_state_dict_or_module_and_refused_while_running(to
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in partial.items())
     with pytest.raises(LmforgeError, match="unexpected"):
         llm.update_weights({**partial, "extra.weight": torch.zeros(1)}, partial=True)
+    # a compiled module's names: the fix is named (an engine on PolicyWithValue: the prefix 'backbone.' to add)
+    compiled = {"_orig_mod." + k: v for k, v in tiny_model("llama", seed=3).state_dict().items()}
+    with pytest.raises(LmforgeError, match=r"its names carry the prefix '_orig_mod.': drop it from every name"):
+        llm.update_weights(compiled)
     model.to(torch.float64)
     with pytest.raises(LmforgeError, match="dtype changed from torch.float32 to torch.float64 after the engine"):
         llm.update_weights()

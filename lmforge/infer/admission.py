@@ -82,10 +82,17 @@ def check_length(engine: Engine, ids: list[int], params: SamplingParams, index: 
                                    ("n", blocks(length, 1) if width > params.beam_width else None))
                  if fits is not None and fits <= engine.pool.num_blocks and (f == "n" or params.max_tokens)]
         why = "it only scores, no new tokens to lower" if not params.max_tokens else "fewer new tokens do not fit"
+        hint = f" (or shorten the prompt: {why})"
+        chunk = engine.config.max_num_batched_tokens
+        if engine.kv_policy is not None and engine.pool.request_blocks(
+                1, length, width, engine.window, chunk + 1, engine.kv_policy.policy.max_slots(1, chunk),
+                policy=True) > engine.pool.num_blocks:
+            # a one-token prompt would not fit either: the policy's bound decides (its window or budget + a step's)
+            hint = (f" (the KV policy holds up to {bound} keys a sequence, {chunk} of them a step's new tokens, "
+                    "whatever the prompt: lower its window or budget, or max_num_batched_tokens)")
         raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{many} needs "
                            f"{need} KV blocks but the pool has {engine.pool.num_blocks}; raise num_kv_tokens or "
-                           f"gpu_memory_utilization" + (f", or lower {' or '.join(lower)}" if lower else
-                                                        f" (or shorten the prompt: {why})"))
+                           f"gpu_memory_utilization" + (f", or lower {' or '.join(lower)}" if lower else hint))
     return params, length
 
 

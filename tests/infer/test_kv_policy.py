@@ -727,3 +727,19 @@ def test_samples_of_a_request_outgrowing_the_pool_fail_together(tok):
     assert [o.request_id for o in outs] == [rid] and isinstance(outs[0].error, RequestError)
     assert "needs 10 KV blocks for its next step but the pool has 9" in str(outs[0].error)
     assert [c.finish_reason for c in outs[0].outputs] == ["abort", "abort"]
+
+
+def test_a_pool_too_small_for_a_policys_bound_names_the_policy_not_the_prompt(tok):
+    """StreamingLLM(window=100) on a 64-token pool refused a request "(or shorten the prompt: ...)", which no prompt
+    length helps: the policy's bound (sinks + window + a step's tokens) decides; a window that fits runs."""
+    from lmforge.infer.llm import LLM
+
+    def llm(window: int) -> LLM:
+        return LLM(tiny_model("llama", max_seq_len=512), tok, config=EngineConfig(
+            num_kv_tokens=64, block_size=16, max_num_batched_tokens=16, kv_policy=StreamingLLM(window=window)))
+
+    params = SamplingParams(max_tokens=300, ignore_eos=True)
+    with pytest.raises(LmforgeError, match=r"the KV policy holds up to 120 keys a sequence, 16 of them a step's new "
+                                           r"tokens, whatever the prompt: lower its window or budget"):
+        llm(100).generate(["x" * 150], params)
+    assert len(llm(20).generate(["x" * 150], params)[0].token_ids) == 300

@@ -142,11 +142,12 @@ def read_utf8(path: str | Path, what: str, *, want: str = "a text file",
         raise error(f"{what} {path} not found") from None
     except OSError as e:
         raise error(f"{what} {path} cannot be read: {e.strerror}") from None
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # (a Windows editor's byte-order mark is no part of the text)
     try:
-        return raw.decode("utf-8-sig")  # (a Windows editor's byte-order mark is no part of the text)
+        return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise error(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.end]!r}); save it as "
-                    "UTF-8") from None
+        raise error(f"{what} {path} is not UTF-8 text (byte {e.start + bom}: {e.object[e.start:e.end]!r}); save it "
+                    "as UTF-8") from None
 
 
 def read_record(path: str | Path, advice: str, what: str | None = None) -> Any:

@@ -368,3 +368,6 @@ def test_a_config_file_with_a_byte_order_mark_reads(tmp_path):
     (tmp_path / "run.json").write_bytes("\ufeff{\"max_steps\": 2}".encode())
     for name in ("run.toml", "run.json"):
         assert read_config_file(tmp_path / name) == {"max_steps": 2}
+    (tmp_path / "bad.toml").write_bytes(b"\xef\xbb\xbfab\xff")  # the bad byte's offset counts the mark
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 5: b'\\xff'\)"):
+        read_config_file(tmp_path / "bad.toml")

@@ -444,27 +444,30 @@ def copy_weights(model, weights, partial: bool = False) -> None:
                   else f"{shapes[0]} has shape {tuple(state[shapes[0]].shape)}, the model's "
                        f"{tuple(own[shapes[0]].shape)}" if shapes
                   else f"{dtypes[0]} is {state[dtypes[0]].dtype}, the model's {own[dtypes[0]].dtype}: {CAST_RULE}")
-        raise LmforgeError(f"update_weights: these weights do not fit the engine's model ({detail}); "
-                           f"{_prefix_hint(own, state) or 'pass a state_dict of the same architecture'}; nothing was "
-                           "changed")
+        fix = _prefix_hint(own, state, partial) or "pass a state_dict of the same architecture"
+        raise LmforgeError(f"update_weights: these weights do not fit the engine's model ({detail}); {fix}; nothing "
+                           "was changed")
     with torch.no_grad():
         model.load_state_dict(state, strict=not partial)  # copy_ per tensor: floats cast, onto any device
 
 
-def _prefix_hint(own, state) -> str:
+def _prefix_hint(own, state, partial: bool) -> str:
     """Where the names differ by one prefix (a policy's state_dict for an engine on PolicyWithValue, whose model is
-    'backbone.'; a compiled or DDP-wrapped module's '_orig_mod.' / 'module.'), the fix, else ''."""
-    for longer, shorter, add in ((own, state, True), (state, own, False)):
+    'backbone.'; a compiled or DDP-wrapped module's '_orig_mod.' / 'module.'), the fix, else ''. The prefix must map
+    every name of the shorter side (two at least) onto the longer side's."""
+    for longer, shorter, add in ((set(own), set(state), True), (set(state), set(own), False)):
         key = next((k for k in longer if k not in shorter), None)
         base = next((b for b in shorter if key is not None and key.endswith("." + b)), None)
-        if base is None:
+        if base is None or len(shorter) < 2:
             continue
         prefix = key[:-len(base)]
         if all(prefix + k in longer for k in shorter):
-            rest = add and any(k not in {prefix + n for n in state} for k in own)  # (a value head besides)
+            named = {prefix + n for n in state} if add else set()
+            rest = add and not partial and any(k not in named for k in own)  # (a value head besides)
             fix = "add it to every name" if add else "drop it from every name"
-            return (f"its names {'lack' if add else 'carry'} the prefix {prefix!r}: {fix} (or pass the module "
-                    "itself)" + ("; partial=True copies only the tensors it names" if rest else ""))
+            return (f"its names {'lack' if add else 'carry'} the prefix {prefix!r}: {fix} (or call update_weights() "
+                    "with no argument where the engine's own model was changed in place)"
+                    + ("; partial=True copies only the tensors it names" if rest else ""))
     return ""
 
 

@@ -47,7 +47,7 @@ def draws_random(model: nn.Module) -> bool:
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(cfg, "dropout"):
         return True
-    return (cfg.mlp == "moe" and cfg.moe_cfg.noisy) or any(p > 0 for _, p in dropout_sites(model))
+    return (cfg.mlp == "moe" and cfg.moe_cfg.noisy) or any(p > 0 for p, _ in dropout_sites(model))
 
 
 def apply_ac(model: nn.Module, mode: str, every: int = 1) -> nn.Module:

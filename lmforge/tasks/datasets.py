@@ -64,7 +64,7 @@ class GSM8K(_FileTask):
     def load(self, split: str) -> list[Example]:
         """The split's records, read by the data pipeline's one JSON reader (`json_records`: blank lines skipped, a
         byte-order mark dropped); a record's index, not its line, keys it."""
-        from lmforge.data.readers import ARCHIVE_ERRORS, json_records
+        from lmforge.data.readers import ARCHIVE_ERRORS, NotCompressed, json_records
 
         path = self.root / "gsm8k" / f"{split}.jsonl"
         if not path.is_file():
@@ -73,8 +73,11 @@ class GSM8K(_FileTask):
         out = []
         try:
             records = list(json_records(path))
-        except (OSError, *ARCHIVE_ERRORS) as e:  # (unreadable; compressed bytes under a plain name: rename it)
-            raise DataError(f"the gsm8k {split} split {path} cannot be read: {e}") from None
+        except NotCompressed:  # (its own words say to rename it, but this split reads {split}.jsonl only)
+            raise DataError(f"{path} holds compressed bytes: decompress it in place (gunzip -c / zstd -dc it to "
+                            f"{split}.jsonl)") from None
+        except (OSError, *ARCHIVE_ERRORS) as e:
+            raise DataError(f"the gsm8k {split} split cannot be read: {e}") from None
         for i, rec in enumerate(records):
             where = f"{path}:{rec.key}"
             value = rec.value if isinstance(rec.value, dict) else {}

@@ -371,6 +371,8 @@ def test_update_weights_from_a_state_dict_or_module_and_refused_while_running(to
     compiled = {"_orig_mod." + k: v for k, v in tiny_model("llama", seed=3).state_dict().items()}
     with pytest.raises(LmforgeError, match=r"its names carry the prefix '_orig_mod.': drop it from every name"):
         llm.update_weights(compiled)
+    with pytest.raises(LmforgeError, match=r"\); pass a state_dict of the same architecture; nothing was changed$"):
+        llm.update_weights({"weight": torch.zeros(1)})  # a one-name dict ending like a model's names: no prefix told
     model.to(torch.float64)
     with pytest.raises(LmforgeError, match="dtype changed from torch.float32 to torch.float64 after the engine"):
         llm.update_weights()

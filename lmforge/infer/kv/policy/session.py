@@ -29,7 +29,7 @@ def check_engine(policy: KVPolicy, spec, draft, config) -> None:
         raise ConfigError(f"kv_policy={name} with speculative decoding (draft={what}) is not supported: drafts "
                           "rewind and move keys by position; use one or the other")
     kinds = {layer.kind for layer in spec.layers}
-    if "state" in kinds:
+    if spec.has_state:
         raise ConfigError(f"kv_policy={name} on a model with recurrent-state layers (kinds {sorted(kinds)}) is not "
                           "supported: those layers keep no keys to evict (their state has a fixed size) and a plan "
                           "covers every layer (a hybrid's attention layers alone are not built); drop kv_policy")

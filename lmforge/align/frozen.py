@@ -254,17 +254,18 @@ class BaseReference(Frozen):
         if not lora_layers(self.model):
             raise ConfigError(f"BaseReference needs a policy with LoRA adapters (apply_lora first); "
                               f"{type(self.model).__name__} has none, so it would be its own reference")
-        adapters = adapter_names(self.model)  # each LoRA layer's own (LoRALinear.adapter_params)
-        trained = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in adapters]
-        if trained and policy_of(self.model) is not self.model:  # an actor-critic: its value head trains
-            raise ConfigError(f"BaseReference: {trained[0]} is trained, so {type(self.model).__name__} with adapters "
-                              "off is not the starting model; the KL anchor is the policy alone: "
-                              "BaseReference(model.backbone)")
-        if trained:
-            raise ConfigError(f"BaseReference: {trained[0]} is trained (LoRAConfig.trainable or requires_grad), so "
+        policy = policy_of(self.model)  # an actor-critic's policy is its .backbone: the KL anchor
+        in_policy, outside = _trained(policy), _trained(self.model)
+        if in_policy:  # named as in the module given (an actor-critic's `backbone.` prefix)
+            name = next(n for n in outside if n.endswith(in_policy[0]))
+            raise ConfigError(f"BaseReference: {name} is trained (LoRAConfig.trainable or requires_grad), so "
                               "the policy with adapters off is not the starting model; freeze it, or give a "
                               "separate reference model (reference= in Python; reference = 'PATH' or --reference "
                               "PATH for lmforge dpo/kto)")
+        if outside:  # only an actor-critic's value head trains besides the adapters: its policy is the anchor
+            raise ConfigError(f"BaseReference: {outside[0]} is trained, so {type(self.model).__name__} with adapters "
+                              "off is not the starting model; the KL anchor is the policy alone: "
+                              "BaseReference(model.backbone)")
 
     def check_not_trained(self, model: torch.nn.Module) -> None:
         self._check_base()  # the policy is the trained model by design; only its adapters may train
@@ -287,6 +288,12 @@ class BaseReference(Frozen):
             with torch.no_grad():
                 for m, bias in now.items():
                     m.e_bias.copy_(bias)
+
+
+def _trained(model: torch.nn.Module) -> list[str]:
+    """Names of the model's trained parameters besides its LoRA layers' own (LoRALinear.adapter_params)."""
+    adapters = adapter_names(model)
+    return [n for n, p in model.named_parameters() if p.requires_grad and n not in adapters]
 
 
 def held(model: torch.nn.Module | Frozen | None, *, role: str, device: str | torch.device | None = None,

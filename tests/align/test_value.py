@@ -171,6 +171,20 @@ def test_an_adapter_only_checkpoint_keeps_the_trained_head(tmp_path):
     torch.testing.assert_close(BaseReference(ac.backbone).token_logps(batch), want, rtol=0, atol=1e-6)
 
 
+def test_base_reference_of_an_actor_critic_whose_lora_trains_a_backbone_tensor_names_the_general_fix():
+    """LoRAConfig.trainable on an actor-critic's backbone: BaseReference(model.backbone) would be refused too
+    (final_norm trains there as well), so that hint is only for a trained value head; the general one here."""
+    from lmforge.align.frozen import BaseReference
+
+    ac = apply_lora(PolicyWithValue(tiny_model(0)), LoRAConfig(r=2, targets=("wq",), trainable=("final_norm",)))
+    with pytest.raises(ConfigError, match=r"^BaseReference: backbone\.final_norm\.weight is trained \(LoRAConfig"
+                                          r"\.trainable or requires_grad\).*separate reference model") as got:
+        BaseReference(ac)
+    assert "BaseReference(model.backbone)" not in str(got.value)
+    with pytest.raises(ConfigError, match=r"^BaseReference: final_norm\.weight is trained \(LoRAConfig"):
+        BaseReference(ac.backbone)
+
+
 class ActorCritic:
     """A PPO-shaped objective (per-token policy term + value regression on GAE returns), enough to train
     both heads through the Trainer; the real PPO objective is the RL issue's."""

@@ -127,28 +127,37 @@ class ModelAux:
     val_loss has no aux either) adds nothing. A training-mode forward without gradients (the Trainer's micro-batch
     with nothing to train) still reports them, so every micro-batch returns the same metrics.
     Several policy forwards (chosen and rejected rows of packed pairs) add the mean of theirs: one concatenated
-    forward's aux is a mean over all its tokens too. add(loss, metrics) -> (loss + aux, metrics with `loss` = the
-    objective's own loss (unless it names one), aux_loss and moe/* stats), as pretraining logs them; a model
-    without aux losses (aux_loss() None, or no such method) gets both back unchanged."""
+    forward's aux is a mean over all its tokens too. A model of several trunks (PolicyAndCritic) names each trunk's
+    losses (its aux_losses(): {'policy': ..., 'critic': ...}): repeat reads of one trunk average, different trunks'
+    sum, so model_logits then values_of add what one policy_and_values forward adds.
+    add(loss, metrics) -> (loss + aux, metrics with `loss` = the objective's own loss (unless it names one),
+    aux_loss and moe/* stats), as pretraining logs them; a model without aux losses (aux_loss() None, or no such
+    method) gets both back unchanged."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.losses: list[torch.Tensor] = []
+        self.losses: list[dict[str, torch.Tensor]] = []  # per read: {trunk: its aux loss}
         self.stats: list[dict[str, torch.Tensor]] = []
 
     def read(self) -> None:
         """Take the model's aux losses (and MoE stats) of the forward just run; nothing in eval mode."""
         got = model_aux(self.model) if self.model.training else None
         if got is not None:
-            self.losses.append(got[0])
+            per_trunk = getattr(self.model, "aux_losses", None)
+            self.losses.append(per_trunk() if callable(per_trunk) else {"": got[0]})
             self.stats.append(got[1])
 
     def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not self.losses:
             return loss, metrics
+        trunks: dict[str, list[torch.Tensor]] = {}
+        for read in self.losses:
+            for trunk, term in read.items():
+                trunks.setdefault(trunk, []).append(term)
+        means = [ts[0] if len(ts) == 1 else torch.stack([t.float() for t in ts]).mean() for ts in trunks.values()]
+        aux = means[0] if len(means) == 1 else torch.stack([m.float() for m in means]).sum()
         one = len(self.losses) == 1
-        aux = self.losses[0] if one else torch.stack([a.float() for a in self.losses]).mean()
         stats = self.stats[0] if one else {k: torch.stack([s[k] for s in self.stats]).mean() for k in self.stats[0]}
         return loss + aux, {"loss": loss.detach(), **metrics, "aux_loss": aux.detach(), **stats}
 

@@ -272,10 +272,16 @@ class PolicyAndCritic(_PolicyFront):
         """The MoE losses of the trunks the last forward ran: the policy's, and the critic's while it trains (a MoE
         critic's balancing keeps its router learning); never a trunk's from an earlier forward, whose graph a
         backward freed. None without any."""
-        policy, critic = self._ran
-        terms = [t for t in (self.backbone.aux_loss() if policy else None, self.critic.aux_loss() if critic else None)
-                 if t is not None]
+        terms = list(self.aux_losses().values())
         return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """aux_loss by trunk ('policy', 'critic'), for ModelAux: a policy forward and a values forward read in turn
+        (model_logits, then values_of) add the sum of the two, as one policy_and_values forward does."""
+        policy, critic = self._ran
+        terms = {"policy": self.backbone.aux_loss() if policy else None,
+                 "critic": self.critic.aux_loss() if critic else None}
+        return {trunk: t for trunk, t in terms.items() if t is not None}
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         return (self.backbone.flops_per_token(seq_len, training)  # the Trainer's MFU counts both trunks
@@ -344,7 +350,8 @@ def value_from_record(backbone: nn.Module, record: dict) -> nn.Module:
 
 def values_of(model: nn.Module, batch: dict, prefix: str = "", *, aux: ModelAux | None = None) -> torch.Tensor:
     """(B, T) fp32 values of a batch's `prefix` rows from a model with a per-token value head; `aux`: the trained
-    model's forward, whose aux losses it reads (lmforge.align.logprobs.ModelAux)."""
+    model's forward, whose aux losses it reads (lmforge.align.logprobs.ModelAux; after model_logits of a
+    PolicyAndCritic, the critic's are added to the policy's, as policy_and_values adds them)."""
     if not callable(getattr(model, "values", None)):
         raise ConfigError(f"this objective needs a model with a per-token value head: wrap it, ValueModel(model) or "
                           f"PolicyWithValue(model), not a bare {type(model).__name__}")

@@ -62,3 +62,30 @@ def test_a_shared_trunks_values_alone_bring_no_stale_mtp_loss():
     moe_ac = PolicyWithValue(moe(0)).train()
     moe_ac.values(ids)
     torch.testing.assert_close(moe_ac.aux_loss(), moe_ac.backbone.aux_loss())  # the trunk's MoE losses stay
+
+
+def test_a_policy_forward_then_a_values_forward_add_what_one_policy_and_values_forward_adds():
+    """ModelAux averages repeat reads of one trunk (chosen and rejected rows) but sums different trunks': an
+    objective reading model_logits then values_of of a PolicyAndCritic adds policy + critic, not their mean."""
+    from lmforge.align.logprobs import model_logits
+    from lmforge.align.value import values_of
+
+    pc = PolicyAndCritic(moe(0), ValueModel(moe(1))).train()
+    batch = {"input_ids": torch.randint(0, 32, (2, 8)), "targets": torch.randint(0, 32, (2, 8))}
+    one = ModelAux(pc)
+    pc.policy_and_values(batch["input_ids"])
+    one.read()
+    _, want = one.add(torch.zeros(()), {})
+    two = ModelAux(pc)
+    model_logits(pc, batch, aux=two)
+    policy = pc.backbone.aux_loss().detach()
+    values_of(pc, batch, aux=two)
+    critic = pc.critic.aux_loss().detach()
+    _, got = two.add(torch.zeros(()), {})
+    assert float(critic) > 0 and float(policy) > 0
+    torch.testing.assert_close(got["aux_loss"], want["aux_loss"])
+    torch.testing.assert_close(got["aux_loss"], (policy + critic).float())
+    model_logits(pc, {k: v.flip(0) for k, v in batch.items()}, aux=two)  # the policy read again: its two average
+    again = pc.backbone.aux_loss().detach()
+    _, got = two.add(torch.zeros(()), {})
+    torch.testing.assert_close(got["aux_loss"], ((policy + again) / 2 + critic).float())

@@ -36,13 +36,22 @@ def is_disk_full(e: BaseException | None) -> bool:
     """Whether `e`, or an exception it was raised while handling, is a full disk or quota (torch.save through a
     Python file raises a RuntimeError first and the file's ENOSPC after it; safetensors words it in its own
     error)."""
+    return write_refused(e) == "disk full"
+
+
+def write_refused(e: BaseException | None) -> str | None:
+    """'disk full' where `e`, or an exception it was raised while handling, is a full disk or quota (see
+    is_disk_full), 'read-only file system' where the file system went read-only under the writer (the kernel
+    remounts one so after an I/O error), else None: what a writer's one-line error says happened."""
     import errno
 
     while e is not None:
         if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(e):
-            return True
+            return "disk full"
+        if (isinstance(e, OSError) and e.errno == errno.EROFS) or "Read-only file system" in str(e):
+            return "read-only file system"
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def require(module: str, extra: str):

@@ -16,7 +16,7 @@ import torch
 
 from lmforge.checkpoint.store import _seal, checkpoint_dirs
 from lmforge.config import to_dict
-from lmforge.errors import CheckpointError, ConfigError, is_disk_full
+from lmforge.errors import CheckpointError, ConfigError, write_refused
 from lmforge.utils import atomic_dir, run_metadata
 
 
@@ -272,10 +272,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, t
         with atomic_dir(final) as tmp:
             _write(tmp, step, model, train_state, tokenizer, extra, base)
     except BaseException as e:
-        if is_disk_full(e):
-            raise CheckpointError(f"disk full at {tmp or final.parent} while writing the step {step} checkpoint; "
-                                  "it was not written and earlier checkpoints are intact: free space and resume"
-                                  ) from e
+        why = write_refused(e)
+        if why is not None:
+            fix = "free space" if why == "disk full" else "make the run directory writable again"
+            raise CheckpointError(f"{why} at {tmp or final.parent} while writing the step {step} checkpoint; "
+                                  f"it was not written and earlier checkpoints are intact: {fix} and resume") from e
         raise
     if keep_last:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import warnings
 
-    from lmforge.errors import LmforgeError, is_disk_full
+    from lmforge.errors import LmforgeError, write_refused
     from lmforge.parallel.launch import quiet_signals
     from lmforge.parallel.reports import launched_worker, peer_ended, report_once
     from lmforge.utils import environment
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             if not launched_worker():  # (the --nproc launcher says it once for all)
                 print(f"\nlmforge {cmd}: interrupted", file=sys.stderr)
             return 130
-        except Exception as e:  # a full disk under any writer (metrics.jsonl, loss.png, shards): said, not a traceback
+        except Exception as e:  # a full disk or read-only file system under any writer (metrics.jsonl...): one line
             if not debug and launched_worker() and peer_ended(e):  # (the process that ended says why, or the launcher)
                 said = (f"lmforge {cmd}: error: a peer process of this run ended while this one waited on it "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); where no other line says why, "
@@ -143,11 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                 if report_once(said):  # (one line, not gloo's traceback; never nothing: a peer may end cleanly)
                     print(said, file=sys.stderr)
                 return 128 + signal.SIGTERM  # as torchrun's SIGTERM ends it: the launcher's line comes first
-            if debug or not is_disk_full(e):
+            why = None if debug else write_refused(e)
+            if why is None:
                 raise
             where = next((x.filename for x in (e, e.__context__, e.__cause__) if getattr(x, "filename", None)), None)
             resumes = " (it resumes from its last checkpoint)" if cmd in TRAINING else ""
-            print(f"lmforge {cmd}: error: disk full{f' writing {where}' if where else ''}; free space and run the "
+            fix = "free space" if why == "disk full" else "make it writable again"
+            print(f"lmforge {cmd}: error: {why}{f' writing {where}' if where else ''}; {fix} and run the "
                   f"command again{resumes}", file=sys.stderr)
             return 2
 

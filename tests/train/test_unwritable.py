@@ -96,3 +96,55 @@ def test_a_plot_that_meets_a_full_disk_leaves_the_last_one_whole(tmp_path, monke
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "loss.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
     assert (tmp_path / "loss.png").read_bytes() == b"the last plot"
+
+
+def test_a_run_dir_made_read_only_mid_run_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A file system remounted read-only under a run (the kernel does so after an I/O error) failed the next
+    checkpoint with an OSError traceback ('[Errno 30] Read-only file system'); now it is one line naming the
+    folder, that the step was not written and what to do, the earlier checkpoint intact and resumed from."""
+    import errno
+
+    import lmforge.checkpoint.save as save
+
+    shard = make_shard(tmp_path / "t.bin")
+    run_dir = tmp_path / "run"
+    real = save._write
+
+    def read_only_from_step_2(tmp, step, *a):
+        if step >= 2:
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp / "config.json"))
+        real(tmp, step, *a)
+
+    monkeypatch.setattr(save, "_write", read_only_from_step_2)
+    flags = [*FLAGS, "--ckpt-every", "1"]
+    assert main(["train", "--data.train", str(shard), "--run-dir", str(run_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.splitlines()[-2]
+    assert line.startswith(f"lmforge train: error: read-only file system at {run_dir / 'checkpoints'}/.step_000002.")
+    assert line.endswith("while writing the step 2 checkpoint; it was not written and earlier checkpoints are "
+                         "intact: make the run directory writable again and resume")
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_000001"]
+    monkeypatch.setattr(save, "_write", real)
+    assert main(["train", "--data.train", str(shard), "--run-dir", str(run_dir), *flags]) == 0
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_000001'} at step 1" in capsys.readouterr().out
+
+
+def test_a_read_only_file_system_under_the_metrics_log_is_one_line(tmp_path, monkeypatch, capsys):
+    """metrics.jsonl's append on a file system gone read-only mid-run was an OSError traceback; now one line."""
+    import errno
+
+    import lmforge.train.metrics as metrics
+
+    def read_only(path, mode="r"):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    shard = make_shard(tmp_path / "t.bin")
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(metrics, "open", read_only, raising=False)
+    assert main(["train", "--data.train", str(shard), "--run-dir", str(run_dir), *FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"lmforge train: error: read-only file system writing {run_dir / 'metrics.jsonl'}; "
+                                    "make it writable again and run the command again (it resumes from its last "
+                                    "checkpoint)")
+    assert "Traceback" not in err

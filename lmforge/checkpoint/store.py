@@ -73,8 +73,8 @@ def _seal(folder: Path) -> None:
     honour_umask(folder)
 
 
-EARLIER = ("use an earlier checkpoint: give its directory, or move this one aside (a run resumes from the newest "
-           "it finds)")
+EARLIER = ("use an earlier checkpoint: give its directory to a command that loads one, or, to resume a run from the "
+           "one before, move this one out of checkpoints/ (a run resumes from the newest it finds)")
 
 
 def _verify(ckpt: Path, checksums: bool = True) -> dict[str, Any]:

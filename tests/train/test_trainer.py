@@ -264,7 +264,8 @@ def test_warmup_longer_than_the_run_warns_and_a_damaged_checkpoint_says_how_to_g
     with open(newest / "model.safetensors", "r+b") as f:
         f.seek(100)
         f.write(b"\xff\xfe")
-    with pytest.raises(CheckpointError, match="corrupted.*move this one aside \\(a run resumes from the newest"):
+    with pytest.raises(CheckpointError, match="corrupted.*move this one out of checkpoints/ \\(a run resumes from "
+                                              "the newest"):
         Trainer(tiny_config(shard, tmp_path / "run", max_steps=6))
 
 

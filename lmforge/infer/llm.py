@@ -54,6 +54,20 @@ from lmforge.infer.sampling import SamplingParams
 Prompt = str | list[int]
 
 
+PROGRESS_MIN = 32
+"""a call (generate, chat, score, wait) waiting on at least this many requests shows a progress bar on stderr when
+it is a terminal (tqdm's automatic choice; LLM.progress = False never)"""
+
+
+def _progress_bar(total: int, done: int):
+    """The bar of a call waiting on `total` requests, `done` of them finished already; None under PROGRESS_MIN."""
+    if total < PROGRESS_MIN:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, unit="req", desc="requests", disable=None, leave=False)
+
+
 class LLM(Scoring):
     """Generate text with any model honouring `model(ids, positions=None, cache=None, meta=None) -> logits`
     and describing its cache with `cache_spec()` (else the plain recompute path runs).
@@ -98,6 +112,7 @@ class LLM(Scoring):
         # (abort posts an _Aborted error to them instead: the waiting call raises it at once)
         self._waiters: dict[str, list[list]] = {}  # request id -> the inboxes of the _collect calls waiting
         self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed
+        self.progress = True  # a call waiting on PROGRESS_MIN requests or more shows a bar on a terminal
         self._ready: dict[str, None] = {}  # those of them finished, in the order they finished (completed())
         self._lock = threading.RLock()  # held for each engine step, queueing and abort (threads: module docstring)
         self._steps = 0  # engine steps taken
@@ -229,9 +244,12 @@ class LLM(Scoring):
             waiting = set(distinct).difference(found)  # (counted down, not rescanned: a score call queues thousands)
             for rid in distinct:  # (finished ones too: an abort of one must reach this call, as of a running one)
                 self._waiters.setdefault(rid, []).append(inbox)
+        bar = _progress_bar(len(distinct), len(found)) if self.progress else None
         try:
-            return self._collect_loop(ids, distinct, found, waiting, inbox, errors)
+            return self._collect_loop(ids, distinct, found, waiting, inbox, errors, bar)
         finally:
+            if bar is not None:
+                bar.close()
             with self._lock:
                 for rid in distinct:  # (those still listed: the others left the table as they finished)
                     others = [box for box in self._waiters.pop(rid, ()) if box is not inbox]
@@ -239,7 +257,7 @@ class LLM(Scoring):
                         self._waiters[rid] = others
 
     def _collect_loop(self, ids: list[str], distinct: list[str], found: dict[str, RequestOutput], waiting: set[str],
-                      inbox: list, errors: str) -> list[RequestOutput]:
+                      inbox: list, errors: str, bar=None) -> list[RequestOutput]:
         """_collect's steps: `found` the outputs of the ids found finished (each taken only while it is still the
         one held under its id), `waiting` the ids not yet, `inbox` where _hold puts their outputs."""
         new = list(found)
@@ -281,6 +299,8 @@ class LLM(Scoring):
                     found[item.request_id] = item
                     new.append(item.request_id)
             waiting.difference_update(new)
+            if bar is not None and new:
+                bar.update(len(new))
 
     def _step(self, finished_only: bool = False, watch: Seq[str] = ()) -> list[RequestOutput]:
         """One engine step; every finished output goes to _held until its caller takes it. finished_only, watch:

@@ -537,3 +537,36 @@ def test_a_token_id_that_is_no_int_is_named_as_such(tok, bad):
     with pytest.raises(LmforgeError, match=rf"^prompt 0 has token id {bad!r} that is not an int: token ids are ints in "
                                            r"\[0, 257\)$"):
         LLM(tiny_model("llama"), tok).generate([[1, bad]], GREEDY)
+
+
+def test_a_call_waiting_on_many_requests_shows_progress(tok, monkeypatch):
+    """`lmforge generate` over 1,319 GSM8K prompts, or LLM.score over MMLU's pairs, ran minutes on a CPU with nothing
+    shown: a call waiting on PROGRESS_MIN requests or more counts them on a bar (tqdm's, on a terminal); fewer, or
+    LLM.progress = False, none."""
+    import tqdm.auto
+
+    from lmforge.infer import llm as L
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, initial, **kw):
+            self.total, self.n, self.closed = total, initial, False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    llm = LLM(tiny_model("llama"), tok)
+    params = SamplingParams(max_tokens=2)
+    llm.generate(["a"] * (L.PROGRESS_MIN - 1), params)
+    assert bars == []
+    llm.generate([f"p{i}" for i in range(L.PROGRESS_MIN + 3)], params)
+    assert [(b.total, b.n, b.closed) for b in bars] == [(L.PROGRESS_MIN + 3, L.PROGRESS_MIN + 3, True)]
+    llm.progress = False
+    llm.generate([f"p{i}" for i in range(L.PROGRESS_MIN + 3)], params)
+    assert len(bars) == 1

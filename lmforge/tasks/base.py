@@ -190,9 +190,11 @@ class Task:
             out.append(dataclasses.replace(ex, prompt=f"{ex.prompt}\n{self.answer_format}") if self.instruct else ex)
         # (the count found tells how many to ask for; "widen the ranges" alone sent a user of the format task, which has
         # no settings, looking for some)
-        widen = " or widen the task's ranges" if type(self).__init__ is not Task.__init__ else ""  # (it has settings)
+        widen = "widen the task's ranges" if type(self).__init__ is not Task.__init__ else ""  # (it has settings)
+        fix = (f"ask for at most {len(out)}" + (f" or {widen}" if widen else "") if out  # (none found: no count helps)
+               else widen or "use the other split")
         raise ConfigError(f"task {self.name!r} has fewer than {n} distinct {split} problems at these settings: "
-                          f"{len(out)} found in {200 * n + 1000} draws; ask for at most {len(out)}{widen}")
+                          f"{len(out)} found in {200 * n + 1000} draws; {fix}")
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         return final_answer(reply(completion), self.answer_shape)

@@ -684,6 +684,9 @@ def test_too_many_problems_asked_says_how_many_there_are():
         TASKS["format"]().examples("test", 2000)
     with pytest.raises(ConfigError, match=r": 3 found in 21000 draws; ask for at most 3 or widen the task's ranges$"):
         TASKS["reverse"](length=(1, 1)).examples("test", 100)
+    # none found: "ask for at most 0" was no fix
+    with pytest.raises(ConfigError, match=r": 0 found in 11000 draws; widen the task's ranges$"):
+        TASKS["countdown"](count=2, max_number=2, max_target=2).examples("test", 50)
 
 
 def test_mmlu_skips_a_header_row(tmp_path):
